@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from loftey.v1 import common_pb2 as loftey_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19loftey/v1/tokenizer.proto\x12\tloftey.v1\x1a\x16loftey/v1/common.proto\"R\n\x0b\x45ncodeInput\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\x08messages\x18\x02 \x01(\x0b\x32\x17.loftey.v1.ChatMessagesH\x00\x42\x06\n\x04kind\"7\n\rEncodeRequest\x12&\n\x06inputs\x18\x01 \x03(\x0b\x32\x16.loftey.v1.EncodeInput\"6\n\x0e\x45ncodeResponse\x12$\n\x07results\x18\x01 \x03(\x0b\x32\x13.loftey.v1.TokenIds\"9\n\rDecodeRequest\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\"\x1e\n\x0e\x44\x65\x63odeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"p\n\x12\x44\x65tokenizeSequence\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\rprefix_offset\x18\x02 \x01(\r\x12\x13\n\x0bread_offset\x18\x03 \x01(\r\x12\x1b\n\x13skip_special_tokens\x18\x04 \x01(\x08\"I\n\x15\x44\x65tokenizeStepRequest\x12\x30\n\tsequences\x18\x01 \x03(\x0b\x32\x1d.loftey.v1.DetokenizeSequence\"K\n\x0f\x44\x65tokenizeDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rprefix_offset\x18\x02 \x01(\r\x12\x13\n\x0bread_offset\x18\x03 \x01(\r\"D\n\x16\x44\x65tokenizeStepResponse\x12*\n\x06\x64\x65ltas\x18\x01 \x03(\x0b\x32\x1a.loftey.v1.DetokenizeDelta\"\x19\n\x17GetTokenizerInfoRequest\"u\n\x18GetTokenizerInfoResponse\x12\x12\n\nvocab_size\x18\x01 \x01(\r\x12\x15\n\reos_token_ids\x18\x02 \x03(\r\x12\x16\n\x0emax_batch_size\x18\x03 \x01(\r\x12\x16\n\x0emax_text_chars\x18\x04 \x01(\r2\xbd\x02\n\tTokenizer\x12=\n\x06\x45ncode\x12\x18.loftey.v1.EncodeRequest\x1a\x19.loftey.v1.EncodeResponse\x12=\n\x06\x44\x65\x63ode\x12\x18.loftey.v1.DecodeRequest\x1a\x19.loftey.v1.DecodeResponse\x12U\n\x0e\x44\x65tokenizeStep\x12 .loftey.v1.DetokenizeStepRequest\x1a!.loftey.v1.DetokenizeStepResponse\x12[\n\x10GetTokenizerInfo\x12\".loftey.v1.GetTokenizerInfoRequest\x1a#.loftey.v1.GetTokenizerInfoResponseB<Z:github.com/loftey/loftey-serving/gen/go/loftey/v1;lofteyv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19loftey/v1/tokenizer.proto\x12\tloftey.v1\x1a\x16loftey/v1/common.proto\"R\n\x0b\x45ncodeInput\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\x08messages\x18\x02 \x01(\x0b\x32\x17.loftey.v1.ChatMessagesH\x00\x42\x06\n\x04kind\"7\n\rEncodeRequest\x12&\n\x06inputs\x18\x01 \x03(\x0b\x32\x16.loftey.v1.EncodeInput\"6\n\x0e\x45ncodeResponse\x12$\n\x07results\x18\x01 \x03(\x0b\x32\x13.loftey.v1.TokenIds\"9\n\rDecodeRequest\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\"\x1e\n\x0e\x44\x65\x63odeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x82\x01\n\x12\x44\x65tokenizeSequence\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\rprefix_offset\x18\x02 \x01(\r\x12\x13\n\x0bread_offset\x18\x03 \x01(\r\x12\x1b\n\x13skip_special_tokens\x18\x04 \x01(\x08\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\"I\n\x15\x44\x65tokenizeStepRequest\x12\x30\n\tsequences\x18\x01 \x03(\x0b\x32\x1d.loftey.v1.DetokenizeSequence\"K\n\x0f\x44\x65tokenizeDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rprefix_offset\x18\x02 \x01(\r\x12\x13\n\x0bread_offset\x18\x03 \x01(\r\"D\n\x16\x44\x65tokenizeStepResponse\x12*\n\x06\x64\x65ltas\x18\x01 \x03(\x0b\x32\x1a.loftey.v1.DetokenizeDelta\"\x19\n\x17GetTokenizerInfoRequest\"u\n\x18GetTokenizerInfoResponse\x12\x12\n\nvocab_size\x18\x01 \x01(\r\x12\x15\n\reos_token_ids\x18\x02 \x03(\r\x12\x16\n\x0emax_batch_size\x18\x03 \x01(\r\x12\x16\n\x0emax_text_chars\x18\x04 \x01(\r2\xbd\x02\n\tTokenizer\x12=\n\x06\x45ncode\x12\x18.loftey.v1.EncodeRequest\x1a\x19.loftey.v1.EncodeResponse\x12=\n\x06\x44\x65\x63ode\x12\x18.loftey.v1.DecodeRequest\x1a\x19.loftey.v1.DecodeResponse\x12U\n\x0e\x44\x65tokenizeStep\x12 .loftey.v1.DetokenizeStepRequest\x1a!.loftey.v1.DetokenizeStepResponse\x12[\n\x10GetTokenizerInfo\x12\".loftey.v1.GetTokenizerInfoRequest\x1a#.loftey.v1.GetTokenizerInfoResponseB<Z:github.com/loftey/loftey-serving/gen/go/loftey/v1;lofteyv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,18 +43,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODEREQUEST']._serialized_end=318
   _globals['_DECODERESPONSE']._serialized_start=320
   _globals['_DECODERESPONSE']._serialized_end=350
-  _globals['_DETOKENIZESEQUENCE']._serialized_start=352
-  _globals['_DETOKENIZESEQUENCE']._serialized_end=464
-  _globals['_DETOKENIZESTEPREQUEST']._serialized_start=466
-  _globals['_DETOKENIZESTEPREQUEST']._serialized_end=539
-  _globals['_DETOKENIZEDELTA']._serialized_start=541
-  _globals['_DETOKENIZEDELTA']._serialized_end=616
-  _globals['_DETOKENIZESTEPRESPONSE']._serialized_start=618
-  _globals['_DETOKENIZESTEPRESPONSE']._serialized_end=686
-  _globals['_GETTOKENIZERINFOREQUEST']._serialized_start=688
-  _globals['_GETTOKENIZERINFOREQUEST']._serialized_end=713
-  _globals['_GETTOKENIZERINFORESPONSE']._serialized_start=715
-  _globals['_GETTOKENIZERINFORESPONSE']._serialized_end=832
-  _globals['_TOKENIZER']._serialized_start=835
-  _globals['_TOKENIZER']._serialized_end=1152
+  _globals['_DETOKENIZESEQUENCE']._serialized_start=353
+  _globals['_DETOKENIZESEQUENCE']._serialized_end=483
+  _globals['_DETOKENIZESTEPREQUEST']._serialized_start=485
+  _globals['_DETOKENIZESTEPREQUEST']._serialized_end=558
+  _globals['_DETOKENIZEDELTA']._serialized_start=560
+  _globals['_DETOKENIZEDELTA']._serialized_end=635
+  _globals['_DETOKENIZESTEPRESPONSE']._serialized_start=637
+  _globals['_DETOKENIZESTEPRESPONSE']._serialized_end=705
+  _globals['_GETTOKENIZERINFOREQUEST']._serialized_start=707
+  _globals['_GETTOKENIZERINFOREQUEST']._serialized_end=732
+  _globals['_GETTOKENIZERINFORESPONSE']._serialized_start=734
+  _globals['_GETTOKENIZERINFORESPONSE']._serialized_end=851
+  _globals['_TOKENIZER']._serialized_start=854
+  _globals['_TOKENIZER']._serialized_end=1171
 # @@protoc_insertion_point(module_scope)
