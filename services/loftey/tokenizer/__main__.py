@@ -1,0 +1,5 @@
+"""Run the tokenizer service: python -m loftey.tokenizer --help."""
+
+from loftey.tokenizer.server import main
+
+main()

@@ -1,0 +1,95 @@
+"""Entry point of the tokenizer service: `loftey serve tokenizer` and `python -m loftey.tokenizer`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from loftey.tokenizer.core import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TEXT_CHARS, TokenizerCore
+from loftey.tokenizer.qwen import default_tokenizer_dir
+from loftey.tokenizer.service import start_tokenizer_server
+
+logger = logging.getLogger(__name__)
+
+# Seconds that in-flight calls get to finish after SIGTERM or SIGINT.
+SHUTDOWN_GRACE_S = 5.0
+
+
+def write_port_file(path: Path, port: int) -> None:
+    """Write the port to path atomically, so a reader never sees a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as file:
+        file.write(f"{port}\n")
+    os.replace(file.name, path)
+
+
+async def run_tokenizer_service(core: TokenizerCore, host: str, port: int, port_file: Path | None) -> None:
+    """Serve until SIGTERM or SIGINT, then stop with a short grace period."""
+    running = await start_tokenizer_server(core, host, port)
+    logger.info("listening on %s:%d", host, running.port)
+    if port_file is not None:
+        write_port_file(port_file, running.port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        logger.info("stopping: waiting up to %.0f s for in-flight calls", SHUTDOWN_GRACE_S)
+        await running.stop(SHUTDOWN_GRACE_S)
+        logger.info("stopped")
+
+
+def resolve_tokenizer_dir(model: Path | None, tokenizer: Path | None) -> Path:
+    """Pick the tokenizer folder: --tokenizer, else --model, else the default Qwen tokenizer."""
+    if model is not None and tokenizer is not None:
+        raise typer.BadParameter("pass either --model or --tokenizer, not both", param_hint="--tokenizer")
+    folder = tokenizer or model
+    if folder is None:
+        return default_tokenizer_dir()
+    if not (folder / "tokenizer.json").is_file():
+        option = "--tokenizer" if tokenizer is not None else "--model"
+        raise typer.BadParameter(f"{folder} has no tokenizer.json", param_hint=option)
+    return folder
+
+
+def serve_tokenizer(
+    model: Annotated[
+        Path | None, typer.Option(help="Model checkpoint folder whose tokenizer files to serve.")
+    ] = None,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(help="Folder with Hugging Face tokenizer files. Default: Qwen's tokenizer, built offline."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind; 0 picks a free port.")] = 0,
+    port_file: Annotated[
+        Path | None, typer.Option(help="File to write the bound port to (atomically) once serving.")
+    ] = None,
+    max_text_chars: Annotated[
+        int, typer.Option(min=1, help="Maximum characters of one text, or of one chat's message contents.")
+    ] = DEFAULT_MAX_TEXT_CHARS,
+    max_batch_size: Annotated[
+        int, typer.Option(min=1, help="Maximum inputs of one Encode call and sequences of one DetokenizeStep.")
+    ] = DEFAULT_MAX_BATCH_SIZE,
+    log_level: Annotated[str, typer.Option(help="Logging level: DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+) -> None:
+    """Serve loftey.v1.Tokenizer (encode, decode, streaming detokenization) over gRPC."""
+    # Does nothing when the `loftey` command already configured logging.
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    folder = resolve_tokenizer_dir(model, tokenizer)
+    core = TokenizerCore.from_dir(folder, max_text_chars=max_text_chars, max_batch_size=max_batch_size)
+    asyncio.run(run_tokenizer_service(core, host, port, port_file))
+
+
+def main() -> None:
+    typer.run(serve_tokenizer)

@@ -1,0 +1,118 @@
+"""The loftey.v1.Tokenizer gRPC servicer over a :class:`TokenizerCore`.
+
+The servicer only converts protobuf to Python values and back; validation and
+the work live in the core. InvalidInputError becomes INVALID_ARGUMENT with the
+core's message, which names the field as the request spells it
+(e.g. "inputs[2].messages[0].role").
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+
+import grpc
+
+from loftey.rpc import RunningServer, ServiceError, handle_errors, start_server
+from loftey.tokenizer.chat import ChatMessage
+from loftey.tokenizer.core import EncodeInput, InvalidInputError, TokenizerCore
+from loftey.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name
+
+
+def _invalid_input_to_status(method: Callable) -> Callable:
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except InvalidInputError as error:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from error
+
+    return wrapper
+
+
+def _encode_input(item: tokenizer_pb2.EncodeInput, field: str) -> EncodeInput:
+    kind = item.WhichOneof("kind")
+    if kind == "text":
+        return item.text
+    if kind == "messages":
+        return [ChatMessage(role=message.role, content=message.content) for message in item.messages.messages]
+    raise InvalidInputError(f"{field}.kind", "set to text or messages", "unset")
+
+
+class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
+    """Serves Encode, Decode, DetokenizeStep and GetTokenizerInfo from one core."""
+
+    def __init__(self, core: TokenizerCore) -> None:
+        self.core = core
+
+    @handle_errors
+    @_invalid_input_to_status
+    async def Encode(self, request: tokenizer_pb2.EncodeRequest, context) -> tokenizer_pb2.EncodeResponse:
+        inputs = [_encode_input(item, f"inputs[{index}]") for index, item in enumerate(request.inputs)]
+        results = self.core.encode_batch(inputs, field="inputs")
+        return tokenizer_pb2.EncodeResponse(results=[common_pb2.TokenIds(ids=ids) for ids in results])
+
+    @handle_errors
+    @_invalid_input_to_status
+    async def Decode(self, request: tokenizer_pb2.DecodeRequest, context) -> tokenizer_pb2.DecodeResponse:
+        text = self.core.decode(list(request.ids), request.skip_special_tokens, field="ids")
+        return tokenizer_pb2.DecodeResponse(text=text)
+
+    @handle_errors
+    @_invalid_input_to_status
+    async def DetokenizeStep(
+        self, request: tokenizer_pb2.DetokenizeStepRequest, context
+    ) -> tokenizer_pb2.DetokenizeStepResponse:
+        if len(request.sequences) > self.core.max_batch_size:
+            raise InvalidInputError("len(sequences)", f"at most {self.core.max_batch_size}", len(request.sequences))
+
+        deltas = []
+        for index, sequence in enumerate(request.sequences):
+            result = self.core.detokenize_step(
+                list(sequence.token_ids),
+                sequence.prefix_offset,
+                sequence.read_offset,
+                sequence.skip_special_tokens,
+                sequence.finished,
+                field=f"sequences[{index}].",
+            )
+            deltas.append(
+                tokenizer_pb2.DetokenizeDelta(
+                    text=result.text, prefix_offset=result.prefix_offset, read_offset=result.read_offset
+                )
+            )
+        return tokenizer_pb2.DetokenizeStepResponse(deltas=deltas)
+
+    @handle_errors
+    async def GetTokenizerInfo(
+        self, request: tokenizer_pb2.GetTokenizerInfoRequest, context
+    ) -> tokenizer_pb2.GetTokenizerInfoResponse:
+        return tokenizer_pb2.GetTokenizerInfoResponse(
+            vocab_size=self.core.vocab_size,
+            eos_token_ids=self.core.eos_token_ids,
+            max_batch_size=self.core.max_batch_size,
+            max_text_chars=self.core.max_text_chars,
+        )
+
+
+def format_address(host: str, port: int) -> str:
+    """Return "host:port", with an IPv6 host in brackets."""
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+async def start_tokenizer_server(core: TokenizerCore, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
+    """Start the tokenizer service on host:port (0 picks a free port) and mark it SERVING."""
+
+    def register(server: grpc.aio.Server) -> None:
+        tokenizer_pb2_grpc.add_TokenizerServicer_to_server(TokenizerServicer(core), server)
+
+    running = await start_server(format_address(host, port), register, [SERVICE_NAME])
+    await running.set_serving([SERVICE_NAME], serving=True)
+    return running
