@@ -7,6 +7,7 @@ import unicodedata
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tokenizer_strategies import CHUNK_SIZES, MIXED_TEXT
 
 from loftey.tokenizer.core import InvalidInputError, TokenizerCore
 from loftey.tokenizer.detokenize import REPLACEMENT_CHARACTER, IncrementalDetokenizer, detokenize_step
@@ -140,22 +141,8 @@ def test_step_rejects_id_outside_vocab(core: TokenizerCore) -> None:
     assert str(raised.value) == "sequences[0].token_ids[1] must be in [0, 151646), got 151646"
 
 
-# Random text mixing the hard cases: CJK (common and rare), emoji (some span
-# several ids), combining marks, runs of spaces and newlines, ASCII.
-PIECES = st.one_of(
-    st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF),
-    st.characters(min_codepoint=0x20000, max_codepoint=0x2A6DF),
-    st.characters(min_codepoint=0x1F300, max_codepoint=0x1FAFF),
-    st.characters(min_codepoint=0x0300, max_codepoint=0x036F),
-    st.sampled_from([" ", "  ", "    ", "\n", "\n\n", " \n", "\t", "，", "。", "!"]),
-    st.characters(min_codepoint=0x20, max_codepoint=0x7E),
-    st.characters(codec="utf-8", exclude_categories=["Cs"], exclude_characters=REPLACEMENT_CHARACTER),
-)
-MIXED_TEXT = st.lists(PIECES, max_size=40).map("".join)
-
-
 @settings(max_examples=150, deadline=None)
-@given(text=MIXED_TEXT, chunk_sizes=st.lists(st.integers(1, 4), max_size=60), skip_special=st.booleans())
+@given(text=MIXED_TEXT, chunk_sizes=CHUNK_SIZES, skip_special=st.booleans())
 def test_property_joined_equals_decode(
     core: TokenizerCore, text: str, chunk_sizes: list[int], skip_special: bool
 ) -> None:

@@ -19,13 +19,9 @@ from tokenizers import Tokenizer
 
 from loftey.tokenizer.chat import CHAT_ROLES, ChatInput, ChatMessage, ChatTemplate, load_chat_template
 from loftey.tokenizer.detokenize import DetokenizeResult, IncrementalDetokenizer, detokenize_step
+from loftey.tokenizer.limits import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TEXT_CHARS
 
 logger = logging.getLogger(__name__)
-
-# About 25,000 tokens of English, far beyond any Loftey context (512 tokens),
-# while one such text still encodes in a few milliseconds.
-DEFAULT_MAX_TEXT_CHARS = 100_000
-DEFAULT_MAX_BATCH_SIZE = 1024
 # Tokens that end a chat turn or a document, reported as end ids when the
 # vocabulary has them (besides the folder's eos_token).
 END_TOKENS = ("<|im_end|>", "<|endoftext|>")

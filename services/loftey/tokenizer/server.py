@@ -1,4 +1,8 @@
-"""Entry point of the tokenizer service: `loftey serve tokenizer` and `python -m loftey.tokenizer`."""
+"""Entry point of the tokenizer service: `loftey serve tokenizer` and `python -m loftey.tokenizer`.
+
+Only the standard library and typer are imported at module level, so the
+`loftey` command can register this command without slowing its --help.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,14 @@ import os
 import signal
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from loftey.tokenizer.core import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TEXT_CHARS, TokenizerCore
-from loftey.tokenizer.qwen import default_tokenizer_dir
-from loftey.tokenizer.service import start_tokenizer_server
+from loftey.tokenizer.limits import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TEXT_CHARS
+
+if TYPE_CHECKING:
+    from loftey.tokenizer.core import TokenizerCore
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +37,8 @@ def write_port_file(path: Path, port: int) -> None:
 
 async def run_tokenizer_service(core: TokenizerCore, host: str, port: int, port_file: Path | None) -> None:
     """Serve until SIGTERM or SIGINT, then stop with a short grace period."""
+    from loftey.tokenizer.service import start_tokenizer_server
+
     running = await start_tokenizer_server(core, host, port)
     logger.info("listening on %s:%d", host, running.port)
     if port_file is not None:
@@ -55,6 +62,8 @@ def resolve_tokenizer_dir(model: Path | None, tokenizer: Path | None) -> Path:
         raise typer.BadParameter("pass either --model or --tokenizer, not both", param_hint="--tokenizer")
     folder = tokenizer or model
     if folder is None:
+        from loftey.tokenizer.qwen import default_tokenizer_dir
+
         return default_tokenizer_dir()
     if not (folder / "tokenizer.json").is_file():
         option = "--tokenizer" if tokenizer is not None else "--model"
@@ -84,8 +93,12 @@ def serve_tokenizer(
     log_level: Annotated[str, typer.Option(help="Logging level: DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Serve loftey.v1.Tokenizer (encode, decode, streaming detokenization) over gRPC."""
-    # Does nothing when the `loftey` command already configured logging.
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from loftey.tokenizer.core import TokenizerCore
+
+    # basicConfig does nothing when the `loftey` command already added a handler,
+    # so the level is set apart.
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(log_level.upper())
     folder = resolve_tokenizer_dir(model, tokenizer)
     core = TokenizerCore.from_dir(folder, max_text_chars=max_text_chars, max_batch_size=max_batch_size)
     asyncio.run(run_tokenizer_service(core, host, port, port_file))
