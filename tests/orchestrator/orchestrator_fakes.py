@@ -54,7 +54,8 @@ class FakeForward(forward_pb2_grpc.ForwardServicer):
         self.vocab_size = vocab_size
         self.live: dict[int, FakeSequence] = {}
         self.steps: list[forward_pb2.StepRequest] = []
-        self.released: list[int] = []
+        # Sequence id -> number of Step calls made when it was released.
+        self.released_at_step: dict[int, int] = {}
         self.violations: list[str] = []
         # Seconds each Step takes; lets tests keep the server busy.
         self.step_delay_s = 0.0
@@ -64,6 +65,17 @@ class FakeForward(forward_pb2_grpc.ForwardServicer):
         self.error_prompts: set[tuple[int, ...]] = set()
         # Called with the step's index when a Step starts, before its delay.
         self.on_step: Callable[[int], None] | None = None
+
+    def sequence_id_of(self, prompt: list[int] | tuple[int, ...]) -> int:
+        """Return the id of the (last) sequence prefilled with this prompt."""
+        found = [new.sequence_id for step in self.steps for new in step.new_sequences
+                 if tuple(new.prompt_ids) == tuple(prompt)]
+        if not found:
+            raise KeyError(f"no sequence was prefilled with prompt {list(prompt)}")
+        return found[-1]
+
+    def prefilled(self, prompt: list[int] | tuple[int, ...]) -> bool:
+        return any(tuple(new.prompt_ids) == tuple(prompt) for step in self.steps for new in step.new_sequences)
 
     def script(self, prompt: list[int] | tuple[int, ...], tokens: list[int]) -> None:
         self.scripts[tuple(prompt)] = list(tokens)
@@ -89,7 +101,7 @@ class FakeForward(forward_pb2_grpc.ForwardServicer):
 
         for sequence_id in request.release_ids:
             if self.live.pop(sequence_id, None) is not None:
-                self.released.append(sequence_id)
+                self.released_at_step[sequence_id] = index
 
         outputs = []
         for new in request.new_sequences:
@@ -131,7 +143,7 @@ class FakeForward(forward_pb2_grpc.ForwardServicer):
         released = 0
         for sequence_id in request.sequence_ids:
             if self.live.pop(sequence_id, None) is not None:
-                self.released.append(sequence_id)
+                self.released_at_step[sequence_id] = len(self.steps)
                 released += 1
         return forward_pb2.ReleaseResponse(released=released)
 

@@ -34,8 +34,8 @@ def build_prompt(
     token_ids: Sequence[int] | None = None,
 ) -> generation_pb2.Prompt:
     """Build a Prompt from exactly one of raw text, chat messages or token ids."""
-    set_kinds = [name for name, value in (("prompt", prompt), ("messages", messages), ("token_ids", token_ids))
-             if value is not None]
+    kinds = (("prompt", prompt), ("messages", messages), ("token_ids", token_ids))
+    set_kinds = [name for name, value in kinds if value is not None]
     if len(set_kinds) != 1:
         raise ValueError(f"pass exactly one of prompt, messages or token_ids, got {set_kinds or 'none'}")
     if prompt is not None:

@@ -89,6 +89,11 @@ class Orchestrator:
         return None if self._metrics_server is None else self._metrics_server.server_port
 
     @property
+    def serving(self) -> bool:
+        """Whether health currently reports SERVING."""
+        return self._serving
+
+    @property
     def runtime(self) -> Runtime | None:
         return self._runtime
 

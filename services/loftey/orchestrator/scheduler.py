@@ -12,9 +12,9 @@ their request's events. Two tasks do the rest:
    call, stop-string matching, and the events each handler reads.
 
 The step task starts step n + 1 while the streamer still works on step n, so
-detokenization does not delay the forward service. The price: a request that
-ends on a stop string is noticed one step late; the extra token is dropped and
-the sequence is released in the step after.
+detokenization does not delay the forward service. In exchange, the step task
+learns of a stop-string match up to two steps late. The tokens sampled after
+the match are dropped, and the sequence is released with the next step.
 """
 
 from __future__ import annotations
@@ -127,6 +127,14 @@ class Scheduler:
         self._all_done.set()
         self._outputs: asyncio.Queue[_StepOutput] = asyncio.Queue(maxsize=STREAM_QUEUE_DEPTH)
         self._tasks: list[asyncio.Task] = []
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
 
     # Handler side -----------------------------------------------------------------
 
