@@ -48,8 +48,18 @@ def generate(
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass, in (0, 1]; 1 disables.")] = 0.95,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling; unset gives a different reply each run.")] = None,
     dtype: Annotated[str, typer.Option(help="Weights in memory: float32, bfloat16 or int8.")] = "float32",
+    server: Annotated[
+        str | None,
+        typer.Option("--server", help="host:port of a running Loftey server to call instead of running --model."),
+    ] = None,
 ) -> None:
     """Generate text from a prompt, streaming it to the terminal."""
+    if server is not None:
+        from loftey.client.cli import generate_remote
+
+        generate_remote(server, prompt, chat, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_k=top_k, top_p=top_p, seed=seed)
+        return
     from loftey.model.inference import SamplingOptions, chat_prompt
 
     try:
@@ -61,7 +71,10 @@ def generate(
     text = chat_prompt(prompt) if chat else prompt
 
     if model is None:
-        raise typer.BadParameter("pass --model DIR to run a checkpoint in this process", param_hint="--model")
+        raise typer.BadParameter(
+            "pass --model DIR to run a checkpoint in this process, or --server ADDR to call a running server",
+            param_hint="--model",
+        )
     _generate_in_process(model, text, options, dtype)
 
 
@@ -87,12 +100,24 @@ app.add_typer(serve_app, name="serve")
 
 def _register_serve_commands() -> None:
     # Each service module imports only typer and the standard library at the top.
+    from loftey.orchestrator.server import serve_orchestrator
     from loftey.tokenizer.server import serve_tokenizer
 
     serve_app.command("tokenizer")(serve_tokenizer)
+    serve_app.command("orchestrator")(serve_orchestrator)
 
 
 _register_serve_commands()
+
+
+def _register_chat_command() -> None:
+    # The module imports only typer and the standard library at the top.
+    from loftey.client.cli import chat_command
+
+    app.command("chat")(chat_command)
+
+
+_register_chat_command()
 
 
 def main() -> None:

@@ -1,0 +1,110 @@
+"""Command-line use of a running server: `loftey generate --server ADDR` and `loftey chat`.
+
+Only typer and the standard library are imported at the top, so `loftey --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from typing import Annotated, Any, TextIO
+
+import typer
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+EXIT_COMMANDS = ("/exit", "/quit")
+RESET_COMMAND = "/reset"
+
+
+def stream_to_terminal(chunks: Iterable[Any], out: TextIO) -> Any:
+    """Write each chunk's text as it arrives; return the last chunk (with finish_reason and usage)."""
+    last = None
+    for chunk in chunks:
+        out.write(chunk.text)
+        out.flush()
+        last = chunk
+    out.write("\n")
+    out.flush()
+    return last
+
+
+def generate_remote(server: str, prompt: str, chat: bool, **options: Any) -> None:
+    """Stream a completion of prompt (a user message when chat is set) from a running server.
+
+    Exits with code 1 and the server's status on stderr when the call fails.
+    """
+    from loftey.client import LofteyClient, LofteyError
+
+    with LofteyClient(server) as client:
+        try:
+            if chat:
+                chunks = client.stream(messages=[{"role": "user", "content": prompt}], **options)
+            else:
+                chunks = client.stream(prompt, **options)
+            stream_to_terminal(chunks, sys.stdout)
+        except LofteyError as error:
+            typer.echo(f"error: {error.code.name}: {error.message}", err=True)
+            raise typer.Exit(code=1) from error
+
+
+def chat_command(
+    message: Annotated[
+        str | None, typer.Argument(help="Message to send. Without one, start an interactive chat.")
+    ] = None,
+    server: Annotated[str, typer.Option(help="host:port of a running Loftey server.")] = DEFAULT_SERVER,
+    system: Annotated[str | None, typer.Option(help="System message to start the conversation with.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=0, help="Maximum number of tokens per reply.")] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, max=100.0, help="Sampling temperature; 0 means greedy.")] = 0.7,
+    top_k: Annotated[int, typer.Option(min=0, help="Sample from the k most likely tokens; 0 disables.")] = 50,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass; 1 disables.")] = 0.95,
+    seed: Annotated[int | None, typer.Option(min=0, help="Seed for sampling; unset gives a different reply each run.")] = None,
+) -> None:
+    """Chat with a running server: one reply to MESSAGE, or an interactive session without it."""
+    from loftey.client import LofteyClient, LofteyError
+
+    options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+               "seed": seed}
+    history: list[dict[str, str]] = [] if system is None else [{"role": "system", "content": system}]
+    opening = list(history)
+
+    with LofteyClient(server) as client:
+        if message is not None:
+            try:
+                stream_to_terminal(client.stream(messages=[*history, {"role": "user", "content": message}],
+                                                 **options), sys.stdout)
+            except LofteyError as error:
+                typer.echo(f"error: {error.code.name}: {error.message}", err=True)
+                raise typer.Exit(code=1) from error
+            return
+
+        typer.echo(f"Chatting with {server}. {RESET_COMMAND} starts over; {EXIT_COMMANDS[0]} or Ctrl-D ends.",
+                   err=True)
+        while True:
+            try:
+                line = input("you> ")
+            except (EOFError, KeyboardInterrupt):
+                typer.echo("", err=True)
+                return
+            text = line.strip()
+            if text in EXIT_COMMANDS:
+                return
+            if text == RESET_COMMAND:
+                history = list(opening)
+                continue
+            if not text:
+                continue
+            history.append({"role": "user", "content": text})
+            sys.stdout.write("loftey> ")
+            reply = []
+            try:
+                for chunk in client.stream(messages=history, **options):
+                    reply.append(chunk.text)
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+                sys.stdout.write("\n")
+            except LofteyError as error:
+                sys.stdout.write("\n")
+                typer.echo(f"error: {error.code.name}: {error.message}", err=True)
+                history.pop()
+                continue
+            history.append({"role": "assistant", "content": "".join(reply)})
