@@ -120,6 +120,16 @@ def _register_chat_command() -> None:
 _register_chat_command()
 
 
+def _register_train_command() -> None:
+    # The module imports only typer and the standard library at the top.
+    from loftey.train.command import train_command
+
+    app.command("train")(train_command)
+
+
+_register_train_command()
+
+
 def main() -> None:
     """Entry point of the `loftey` console script."""
     app()
