@@ -1,0 +1,100 @@
+"""Expert-group Ray actors driven by a Ray Compiled Graph: one graph execution per layer.
+
+The graph is static, so every group is called every layer: a group without
+rows gets None and returns None at once. When an actor dies the graph is torn
+down, the actors are waited for (Ray restarts them) and the graph is compiled
+again before the call is retried, within the executor's attempts and time.
+
+NOTE: compiled-graph actors busy-wait for their next input, so each keeps a
+core spinning between tokens (Ray 2.60); see benchmarks/forward_step.py for
+what that costs the forward process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayChannelError, RayTaskError
+
+from loftey.forward.executor import ExpertGroupUnavailable, GroupCall, GroupResult
+from loftey.forward.ray_actor import from_wire, to_wire
+from loftey.forward.ray_executor import RETRY_BACKOFF_S, RayCallsExecutor
+
+logger = logging.getLogger(__name__)
+
+# Seconds the graph's teardown may take after a failure.
+TEARDOWN_TIMEOUT_S = 10.0
+
+
+class CompiledGraphExecutor(RayCallsExecutor):
+    """Ray actors called through one compiled graph that fans out to every group and gathers their outputs."""
+
+    name = "ray-compiled"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.graph = None
+
+    def start(self) -> None:
+        super().start()
+        self._compile()
+
+    def _compile(self) -> None:
+        from ray.dag import InputNode, MultiOutputNode
+
+        with InputNode() as payloads:
+            outputs = [actor.run_payload.bind(payloads[group]) for group, actor in enumerate(self.actors)]
+        self.graph = MultiOutputNode(outputs).experimental_compile(_submit_timeout=self.options.call_timeout_s)
+
+    def _teardown(self) -> None:
+        if self.graph is not None:
+            try:
+                self.graph.teardown()
+            except Exception as error:  # noqa: BLE001 - a broken graph may fail to tear down; it is dropped anyway
+                logger.warning("compiled graph teardown failed: %s", error)
+            self.graph = None
+
+    def close(self) -> None:
+        self._teardown()
+        super().close()
+
+    def _recover(self, deadline: float) -> None:
+        """Tear the graph down, wait until every actor answers (Ray restarts dead ones), and compile again."""
+        self._teardown()
+        refs = [actor.describe.remote() for actor in self.actors]
+        ray.get(refs, timeout=max(deadline - time.monotonic(), 0.0))
+        self._compile()
+
+    def run_calls(self, layer: int, calls: list[GroupCall]) -> list[GroupResult]:
+        started = time.monotonic()
+        deadline = started + self.options.call_timeout_s
+        payloads: list[tuple | None] = [None] * self.partition.num_groups
+        for call in calls:
+            payloads[call.group] = (layer, to_wire(call.hidden), call.expert_ids.numpy(), call.weights.numpy())
+
+        error: Exception | None = None
+        outputs = None
+        for attempt in range(1, self.options.max_attempts + 1):
+            try:
+                if self.graph is None:
+                    self._recover(deadline)
+                outputs = ray.get(self.graph.execute(*payloads), timeout=max(deadline - time.monotonic(), 0.0))
+                break
+            except RayTaskError as task_error:
+                raise ExpertGroupUnavailable(-1, f"layer {layer} call raised: {task_error}") from task_error
+            except (RayActorError, RayChannelError, GetTimeoutError) as call_error:
+                error = call_error
+                logger.warning("compiled graph: layer %d call failed (%s); attempt %d", layer, call_error, attempt)
+                self._teardown()
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(RETRY_BACKOFF_S)
+        if outputs is None:
+            raise ExpertGroupUnavailable(-1, f"layer {layer} compiled-graph call failed: {error}") from error
+
+        elapsed = time.monotonic() - started
+        # Copies: the graph may reuse the buffers its outputs were read from.
+        return [GroupResult(from_wire(np.array(outputs[call.group]), self.torch_dtype), elapsed) for call in calls]

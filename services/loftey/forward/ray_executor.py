@@ -1,0 +1,149 @@
+"""Expert groups as Ray actors, called with classic Ray actor calls.
+
+One actor per group (group g holds experts [g * E / G, (g + 1) * E / G)),
+each loading only its experts' tensors. Ray restarts a dead actor up to
+`max_restarts` times and retries its pending calls up to `max_task_retries`
+times; on top of that, a layer call is given `max_attempts` tries and
+`call_timeout_s` seconds in all, after which the group counts as unavailable.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from loftey.forward.executor import ExpertExecutor, ExpertGroupUnavailable, GroupCall, GroupResult
+from loftey.forward.partition import ExpertPartition
+from loftey.forward.ray_actor import ExpertGroupActor, from_wire, to_wire
+
+logger = logging.getLogger(__name__)
+
+# Pause before resubmitting a call that failed because its actor died, so Ray can notice and restart it.
+RETRY_BACKOFF_S = 0.05
+
+
+@dataclass(frozen=True)
+class RayActorOptions:
+    """How the expert-group actors are created and how hard a layer call tries."""
+
+    max_restarts: int = 3  # restarts Ray makes of a dead actor; 0 disables
+    max_task_retries: int = 3  # times Ray resubmits a call to a restarted actor
+    max_attempts: int = 3  # our own tries of one layer call per group
+    call_timeout_s: float = 60.0  # time for one layer call, restarts and retries included
+    load_timeout_s: float = 600.0  # time for every actor to load its experts at start
+    num_cpus: float = 0.0  # CPUs each actor reserves in Ray's scheduler (0: placement only)
+
+
+@dataclass
+class PendingCalls:
+    """Layer calls sent as Ray actor calls and not yet collected."""
+
+    layer: int
+    calls: list[GroupCall]
+    started: float  # time.monotonic() at submission
+    deadline: float
+    attempts: list[int]  # tries so far, per call
+    refs: dict  # ObjectRef -> index of its call
+
+
+class RayCallsExecutor(ExpertExecutor):
+    """Each group's experts in a Ray actor; one classic actor call per group per layer."""
+
+    name = "ray-calls"
+
+    def __init__(
+        self, config, partition: ExpertPartition, model_dir: str, dtype: str, options: RayActorOptions = RayActorOptions()
+    ) -> None:
+        super().__init__(config, partition, model_dir, dtype)
+        self.options = options
+        self.actors: list = []
+        self.group_info: list[dict] = []
+
+    def start(self) -> None:
+        actor_class = ray.remote(ExpertGroupActor)
+        for group in range(self.partition.num_groups):
+            actor = actor_class.options(
+                max_restarts=self.options.max_restarts,
+                max_task_retries=self.options.max_task_retries if self.options.max_restarts else 0,
+                num_cpus=self.options.num_cpus,
+                # The shared-memory server and a compiled graph's loop run beside ordinary calls.
+                max_concurrency=4,
+            ).remote(self.model_dir, group, self.partition.experts_of(group), self.dtype)
+            self.actors.append(actor)
+        refs = [actor.describe.remote() for actor in self.actors]
+        try:
+            self.group_info = ray.get(refs, timeout=self.options.load_timeout_s)
+        except (RayActorError, RayTaskError, GetTimeoutError) as error:
+            self.close()
+            raise RuntimeError(f"expert-group actors failed to load: {error}") from error
+        for info in self.group_info:
+            logger.info(
+                "expert group %d ready: experts %s, pid %d, %.1f MiB of experts, RSS %.1f MiB",
+                info["group"], info["experts"], info["pid"], info["expert_bytes"] / 2**20, info["rss_bytes"] / 2**20,
+            )
+
+    def describe_groups(self) -> list[dict]:
+        """Ask every actor for its pid, node, expert bytes and current RSS."""
+        return ray.get([actor.describe.remote() for actor in self.actors], timeout=self.options.call_timeout_s)
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+
+    def submit(self, layer: int, call: GroupCall) -> ray.ObjectRef:
+        return self.actors[call.group].run_layer.remote(
+            layer, to_wire(call.hidden), call.expert_ids.numpy(), call.weights.numpy()
+        )
+
+    def run_calls(self, layer: int, calls: list[GroupCall]) -> list[GroupResult]:
+        return self.wait_calls(self.submit_calls(layer, calls))
+
+    def submit_calls(self, layer: int, calls: list[GroupCall]) -> PendingCalls:
+        """Send every call as a Ray actor call; wait_calls collects them."""
+        started = time.monotonic()
+        pending = PendingCalls(
+            layer=layer,
+            calls=calls,
+            started=started,
+            deadline=started + self.options.call_timeout_s,
+            attempts=[1] * len(calls),
+            refs={self.submit(layer, call): index for index, call in enumerate(calls)},
+        )
+        return pending
+
+    def wait_calls(self, pending: PendingCalls) -> list[GroupResult]:
+        """Wait for submitted calls, resubmitting those whose actor died; raise ExpertGroupUnavailable past the bounds."""
+        layer, calls, refs = pending.layer, pending.calls, pending.refs
+        results: list[GroupResult | None] = [None] * len(calls)
+        while refs:
+            remaining = pending.deadline - time.monotonic()
+            if remaining <= 0:
+                group = calls[next(iter(refs.values()))].group
+                raise ExpertGroupUnavailable(group, f"no result within {self.options.call_timeout_s:g} s")
+            ready, _ = ray.wait(list(refs), num_returns=1, timeout=remaining)
+            if not ready:
+                continue
+            index = refs.pop(ready[0])
+            call = calls[index]
+            try:
+                output = ray.get(ready[0])
+            except RayTaskError as error:
+                raise ExpertGroupUnavailable(call.group, f"layer {layer} call raised: {error}") from error
+            except RayActorError as error:
+                if pending.attempts[index] >= self.options.max_attempts:
+                    raise ExpertGroupUnavailable(
+                        call.group, f"layer {layer} call failed {pending.attempts[index]} times, last: {error}"
+                    ) from error
+                pending.attempts[index] += 1
+                logger.warning("expert group %d: layer %d call failed (%s); retrying", call.group, layer, error)
+                time.sleep(RETRY_BACKOFF_S)
+                refs[self.submit(layer, call)] = index
+                continue
+            results[index] = GroupResult(from_wire(output, self.torch_dtype), time.monotonic() - pending.started)
+        return results  # type: ignore[return-value]
