@@ -100,11 +100,13 @@ app.add_typer(serve_app, name="serve")
 
 def _register_serve_commands() -> None:
     # Each service module imports only typer and the standard library at the top.
+    from loftey.forward.server import serve_forward
     from loftey.orchestrator.server import serve_orchestrator
     from loftey.tokenizer.server import serve_tokenizer
 
     serve_app.command("tokenizer")(serve_tokenizer)
     serve_app.command("orchestrator")(serve_orchestrator)
+    serve_app.command("forward")(serve_forward)
 
 
 _register_serve_commands()
