@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 1
 export OMP_WAIT_POLICY ?= PASSIVE
 export RAY_worker_niceness ?= 0
 
-.PHONY: install test test-python test-rust proto demo serve bench clean
+.PHONY: install test test-python test-rust proto proto-check demo serve bench clean
 
 $(STAMP): pyproject.toml Cargo.toml crates/sampler/Cargo.toml $(wildcard crates/sampler/src/*.rs)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ install: $(STAMP)
 
 proto: $(STAMP)
 	$(BIN)/python -m loftey.protogen
+
+# buf lint and buf breaking on proto/ (installs buf through npm on first use).
+proto-check: $(STAMP)
+	$(BIN)/python -m pytest -q tests/interop/test_buf.py
 
 test: test-rust test-python
 
