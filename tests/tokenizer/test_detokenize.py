@@ -15,7 +15,9 @@ from loftey.tokenizer.detokenize import REPLACEMENT_CHARACTER, IncrementalDetoke
 # A fake byte-level vocabulary: each id is some bytes of UTF-8 text, and
 # decoding joins the bytes and replaces incomplete characters, as byte-level
 # BPE does.
-FAKE_VOCAB = [b"a", b" ", "é".encode(), "😀".encode()[:2], "😀".encode()[2:], "北".encode()[:1], "北".encode()[1:]]
+EMOJI_BYTES = "😀".encode()
+BEI_BYTES = "北".encode()
+FAKE_VOCAB = [b"a", b" ", "é".encode(), EMOJI_BYTES[:2], EMOJI_BYTES[2:], BEI_BYTES[:1], BEI_BYTES[1:]]
 
 
 def fake_decode(ids: list[int]) -> str:

@@ -9,6 +9,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from loftey.tokenizer.core import TokenizerCore
 from loftey.tokenizer.detokenize import REPLACEMENT_CHARACTER
+from loftey.tokenizer.service import start_tokenizer_server
 from loftey.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 
 
@@ -245,3 +246,19 @@ async def test_batch_over_limit(stub: tokenizer_pb2_grpc.TokenizerStub, core: To
     await assert_invalid_argument(
         stub.DetokenizeStep(step), f"len(sequences) must be at most {limit}, got {too_many}"
     )
+
+
+async def test_encode_in_worker_thread(core: TokenizerCore) -> None:
+    running = await start_tokenizer_server(core, "127.0.0.1", 0, thread_min_chars=0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = tokenizer_pb2_grpc.TokenizerStub(channel)
+            reply = await stub.Encode(tokenizer_pb2.EncodeRequest(inputs=[chat_input(("user", "Hi"))]))
+            assert list(reply.results[0].ids) == [151644, 872, 198, 13048, 151645, 198, 151644, 77091, 198]
+
+            bad = tokenizer_pb2.EncodeRequest(inputs=[chat_input(("tool", "{}"))])
+            await assert_invalid_argument(
+                stub.Encode(bad), "inputs[0].messages[0].role must be one of system, user, assistant, got 'tool'"
+            )
+    finally:
+        await running.stop(None)

@@ -8,6 +8,7 @@ value; the service turns that into INVALID_ARGUMENT.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -102,10 +103,11 @@ class TokenizerCore:
         With ``add_generation_prompt`` the assistant's prompt follows the last
         message, so generation continues as the assistant.
         """
-        return self.tokenizer.encode(self.render_chat(messages, add_generation_prompt, field), add_special_tokens=False).ids
+        text = self.render_chat(messages, add_generation_prompt, field)
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def render_chat(self, messages: ChatInput, add_generation_prompt: bool = True, field: str = "messages") -> str:
-        """Return the chat template's text for a validated conversation."""
+        """Validate a conversation and render it with the chat template."""
         valid = self._valid_messages(messages, field)
         return self.chat_template.render(valid, add_generation_prompt)
 
@@ -169,15 +171,12 @@ class TokenizerCore:
                 read_offset,
             )
 
-        skip = skip_special_tokens
-        return detokenize_step(
-            lambda ids: self.tokenizer.decode(ids, skip_special_tokens=skip), window, prefix_offset, read_offset, finished
-        )
+        decode = functools.partial(self.tokenizer.decode, skip_special_tokens=skip_special_tokens)
+        return detokenize_step(decode, window, prefix_offset, read_offset, finished)
 
     def incremental_detokenizer(self, skip_special_tokens: bool = False) -> IncrementalDetokenizer:
         """Return a stateful streaming detokenizer for one sequence."""
-        skip = skip_special_tokens
-        return IncrementalDetokenizer(lambda ids: self.decode(ids, skip_special_tokens=skip))
+        return IncrementalDetokenizer(functools.partial(self.decode, skip_special_tokens=skip_special_tokens))
 
     # Validation.
 

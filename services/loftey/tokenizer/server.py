@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from loftey.tokenizer.limits import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TEXT_CHARS
+from loftey.tokenizer.limits import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TEXT_CHARS, DEFAULT_THREAD_MIN_CHARS
 
 if TYPE_CHECKING:
     from loftey.tokenizer.core import TokenizerCore
@@ -35,11 +35,13 @@ def write_port_file(path: Path, port: int) -> None:
     os.replace(file.name, path)
 
 
-async def run_tokenizer_service(core: TokenizerCore, host: str, port: int, port_file: Path | None) -> None:
+async def run_tokenizer_service(
+    core: TokenizerCore, host: str, port: int, port_file: Path | None, thread_min_chars: int = DEFAULT_THREAD_MIN_CHARS
+) -> None:
     """Serve until SIGTERM or SIGINT, then stop with a short grace period."""
     from loftey.tokenizer.service import start_tokenizer_server
 
-    running = await start_tokenizer_server(core, host, port)
+    running = await start_tokenizer_server(core, host, port, thread_min_chars)
     logger.info("listening on %s:%d", host, running.port)
     if port_file is not None:
         write_port_file(port_file, running.port)
@@ -90,6 +92,12 @@ def serve_tokenizer(
     max_batch_size: Annotated[
         int, typer.Option(min=1, help="Maximum inputs of one Encode call and sequences of one DetokenizeStep.")
     ] = DEFAULT_MAX_BATCH_SIZE,
+    thread_min_chars: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Encode calls with at least this many characters run in a worker thread; 0 runs all there."
+        ),
+    ] = DEFAULT_THREAD_MIN_CHARS,
     log_level: Annotated[str, typer.Option(help="Logging level: DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Serve loftey.v1.Tokenizer (encode, decode, streaming detokenization) over gRPC."""
@@ -101,7 +109,7 @@ def serve_tokenizer(
     logging.getLogger().setLevel(log_level.upper())
     folder = resolve_tokenizer_dir(model, tokenizer)
     core = TokenizerCore.from_dir(folder, max_text_chars=max_text_chars, max_batch_size=max_batch_size)
-    asyncio.run(run_tokenizer_service(core, host, port, port_file))
+    asyncio.run(run_tokenizer_service(core, host, port, port_file, thread_min_chars))
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ core's message, which names the field as the request spells it
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Callable
@@ -17,6 +18,7 @@ import grpc
 from loftey.rpc import RunningServer, ServiceError, handle_errors, start_server
 from loftey.tokenizer.chat import ChatMessage
 from loftey.tokenizer.core import EncodeInput, InvalidInputError, TokenizerCore
+from loftey.tokenizer.limits import DEFAULT_THREAD_MIN_CHARS
 from loftey.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -44,17 +46,37 @@ def _encode_input(item: tokenizer_pb2.EncodeInput, field: str) -> EncodeInput:
     raise InvalidInputError(f"{field}.kind", "set to text or messages", "unset")
 
 
-class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
-    """Serves Encode, Decode, DetokenizeStep and GetTokenizerInfo from one core."""
+def _total_chars(inputs: list[EncodeInput]) -> int:
+    total = 0
+    for item in inputs:
+        if isinstance(item, str):
+            total += len(item)
+        else:
+            total += sum(len(message.content) for message in item)
+    return total
 
-    def __init__(self, core: TokenizerCore) -> None:
+
+class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
+    """Serves Encode, Decode, DetokenizeStep and GetTokenizerInfo from one core.
+
+    An Encode call with at least ``thread_min_chars`` characters runs in a
+    worker thread: the tokenizers library releases the GIL while it encodes a
+    batch, so the event loop keeps serving DetokenizeStep meanwhile. Smaller
+    calls run on the event loop, where they cost less than a thread hand-off.
+    """
+
+    def __init__(self, core: TokenizerCore, thread_min_chars: int = DEFAULT_THREAD_MIN_CHARS) -> None:
         self.core = core
+        self.thread_min_chars = thread_min_chars
 
     @handle_errors
     @_invalid_input_to_status
     async def Encode(self, request: tokenizer_pb2.EncodeRequest, context) -> tokenizer_pb2.EncodeResponse:
         inputs = [_encode_input(item, f"inputs[{index}]") for index, item in enumerate(request.inputs)]
-        results = self.core.encode_batch(inputs, field="inputs")
+        if _total_chars(inputs) >= self.thread_min_chars:
+            results = await asyncio.to_thread(self.core.encode_batch, inputs, "inputs")
+        else:
+            results = self.core.encode_batch(inputs, field="inputs")
         return tokenizer_pb2.EncodeResponse(results=[common_pb2.TokenIds(ids=ids) for ids in results])
 
     @handle_errors
@@ -71,7 +93,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         if len(request.sequences) > self.core.max_batch_size:
             raise InvalidInputError("len(sequences)", f"at most {self.core.max_batch_size}", len(request.sequences))
 
-        deltas = []
+        response = tokenizer_pb2.DetokenizeStepResponse()
+        add_delta = response.deltas.add
         for index, sequence in enumerate(request.sequences):
             result = self.core.detokenize_step(
                 list(sequence.token_ids),
@@ -81,12 +104,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
                 sequence.finished,
                 field=f"sequences[{index}].",
             )
-            deltas.append(
-                tokenizer_pb2.DetokenizeDelta(
-                    text=result.text, prefix_offset=result.prefix_offset, read_offset=result.read_offset
-                )
-            )
-        return tokenizer_pb2.DetokenizeStepResponse(deltas=deltas)
+            add_delta(text=result.text, prefix_offset=result.prefix_offset, read_offset=result.read_offset)
+        return response
 
     @handle_errors
     async def GetTokenizerInfo(
@@ -107,11 +126,13 @@ def format_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-async def start_tokenizer_server(core: TokenizerCore, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
+async def start_tokenizer_server(
+    core: TokenizerCore, host: str = "127.0.0.1", port: int = 0, thread_min_chars: int = DEFAULT_THREAD_MIN_CHARS
+) -> RunningServer:
     """Start the tokenizer service on host:port (0 picks a free port) and mark it SERVING."""
 
     def register(server: grpc.aio.Server) -> None:
-        tokenizer_pb2_grpc.add_TokenizerServicer_to_server(TokenizerServicer(core), server)
+        tokenizer_pb2_grpc.add_TokenizerServicer_to_server(TokenizerServicer(core, thread_min_chars), server)
 
     running = await start_server(format_address(host, port), register, [SERVICE_NAME])
     await running.set_serving([SERVICE_NAME], serving=True)
