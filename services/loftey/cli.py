@@ -94,8 +94,74 @@ def _generate_in_process(model_dir: Path, prompt: str, options, dtype: str) -> N
         raise typer.Exit(code=2) from err
 
 
-serve_app = typer.Typer(help="Start one Loftey service: tokenizer, forward or orchestrator.", no_args_is_help=True)
+serve_app = typer.Typer(
+    help="Start every Loftey service on this machine, or one of them with a subcommand "
+    "(tokenizer, forward, orchestrator) for multi-host setups.",
+    invoke_without_command=True,
+)
 app.add_typer(serve_app, name="serve")
+
+ModelOption = Annotated[
+    str,
+    typer.Option("--model", help="'tiny' (the embedded default), 'dummy-235m' (random weights) or a checkpoint folder."),
+]
+ExpertGroupsOption = Annotated[int, typer.Option("--expert-groups", min=1, help="Number of expert groups (actors).")]
+ExecutorOption = Annotated[str, typer.Option("--executor", help="How expert groups run: local or ray.")]
+DtypeOption = Annotated[str, typer.Option("--dtype", help="Weights in memory: float32 or bfloat16.")]
+LogDirOption = Annotated[
+    Path | None, typer.Option("--log-dir", help="Folder for the services' log files; a new temporary one by default.")
+]
+
+
+def _stack_config(model: str, expert_groups: int, executor: str, dtype: str, log_dir: Path | None, **fields):
+    from loftey.launcher import StackConfig
+
+    return StackConfig(
+        model=model, expert_groups=expert_groups, executor=executor, dtype=dtype, log_dir=log_dir, **fields
+    )
+
+
+@serve_app.callback()
+def serve_all(
+    ctx: typer.Context,
+    model: ModelOption = "tiny",
+    host: Annotated[str, typer.Option("--host", help="Address every service binds.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, help="Public Generation port; 0 picks a free one.")] = 50051,
+    metrics_port: Annotated[
+        int, typer.Option("--metrics-port", min=0, help="Prometheus metrics port; 0 picks a free one.")
+    ] = 0,
+    expert_groups: ExpertGroupsOption = 2,
+    executor: ExecutorOption = "ray",
+    dtype: DtypeOption = "float32",
+    max_batch_size: Annotated[int, typer.Option("--max-batch-size", min=1, help="Sequences decoded together.")] = 32,
+    log_dir: LogDirOption = None,
+) -> None:
+    """Start the tokenizer, forward and orchestrator services and stop them all on Ctrl-C."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from loftey.launcher import serve
+
+    config = _stack_config(
+        model, expert_groups, executor, dtype, log_dir,
+        host=host, port=port, metrics_port=metrics_port, max_batch_size=max_batch_size,
+    )
+    raise typer.Exit(code=serve(config))
+
+
+@app.command()
+def demo(
+    message: Annotated[str, typer.Argument(help="The user message to send.")] = "Hello",
+    model: ModelOption = "tiny",
+    expert_groups: ExpertGroupsOption = 2,
+    executor: ExecutorOption = "ray",
+    dtype: DtypeOption = "float32",
+    log_dir: LogDirOption = None,
+) -> None:
+    """Start every service, stream one chat reply to the terminal, and stop."""
+    from loftey.launcher import demo as run_demo
+
+    config = _stack_config(model, expert_groups, executor, dtype, log_dir, port=0)
+    raise typer.Exit(code=run_demo(config, message))
 
 
 def _register_serve_commands() -> None:

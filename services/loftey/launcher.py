@@ -1,0 +1,232 @@
+"""Run the whole stack on this machine: tokenizer, forward and orchestrator services.
+
+``loftey serve`` starts each service as its own process; the forward service
+starts a local Ray and its expert-group actors. It waits until every service
+reports SERVING and prints the public address. Each service logs to its own
+file, and Ctrl-C or SIGTERM stops them all. ``loftey demo`` does the same, sends
+one streamed chat request, and stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# How long one service may take to report SERVING. The forward service starts
+# Ray and loads every expert group, which is the slowest step.
+STARTUP_TIMEOUT_S = 300.0
+# How long a service gets to exit after SIGTERM before it is killed.
+STOP_TIMEOUT_S = 20.0
+PORT_FILE_POLL_S = 0.1
+
+DEFAULT_PUBLIC_PORT = 50051
+
+
+@dataclass
+class StackConfig:
+    """Settings of a local stack. The fields mirror the services' own options."""
+
+    model: str = "tiny"
+    host: str = "127.0.0.1"
+    # Public Generation port; 0 picks a free one.
+    port: int = DEFAULT_PUBLIC_PORT
+    metrics_port: int = 0
+    expert_groups: int = 2
+    executor: str = "ray"
+    dtype: str = "float32"
+    max_batch_size: int = 32
+    log_dir: Path | None = None
+    extra_forward_args: list[str] = field(default_factory=list)
+    extra_orchestrator_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ServiceProcess:
+    """One started service: its process, log file and bound port."""
+
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+    port: int
+
+
+def resolve_model_dir(model: str) -> Path:
+    """Return the checkpoint folder for a model name or path.
+
+    "tiny" is the embedded default model, "dummy-235m" a random-weights model of
+    the published shapes; anything else is a checkpoint folder. Raises
+    FileNotFoundError for a folder without config.json.
+    """
+    if model == "tiny":
+        from loftey.train.tiny import tiny_model_dir
+
+        return tiny_model_dir()
+    if model == "dummy-235m":
+        from loftey.model.dummy import ensure_dummy_235m
+
+        return with_default_tokenizer(ensure_dummy_235m())
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model {model!r} is not 'tiny', 'dummy-235m' or a checkpoint folder with config.json"
+        )
+    return path
+
+
+def with_default_tokenizer(model_dir: Path) -> Path:
+    """Copy the default Qwen tokenizer files into a checkpoint folder that has none."""
+    if not (model_dir / "tokenizer.json").is_file():
+        import shutil
+
+        from loftey.tokenizer.qwen import default_tokenizer_dir
+
+        for source in default_tokenizer_dir().iterdir():
+            if source.is_file():
+                shutil.copy2(source, model_dir / source.name)
+    return model_dir
+
+
+def _wait_for_port(service: str, process: subprocess.Popen, port_file: Path, log_path: Path) -> int:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if port_file.is_file() and port_file.read_text().strip():
+            return int(port_file.read_text().strip())
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"{service} service exited with code {process.returncode} before serving; see {log_path}"
+            )
+        time.sleep(PORT_FILE_POLL_S)
+    raise TimeoutError(f"{service} service not serving after {STARTUP_TIMEOUT_S:.0f} s; see {log_path}")
+
+
+def _start_service(name: str, args: list[str], log_dir: Path, run_dir: Path) -> ServiceProcess:
+    port_file = run_dir / f"{name}.port"
+    log_path = log_dir / f"{name}.log"
+    command = [sys.executable, "-m", f"loftey.{name}", *args, "--port-file", str(port_file)]
+    logger.info("starting %s: %s", name, " ".join(command))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "RAY_worker_niceness": "0"}
+    with open(log_path, "ab") as log_file:
+        # A session of its own, so stopping the service also reaches the
+        # processes it started (Ray's).
+        process = subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    port = _wait_for_port(name, process, port_file, log_path)
+    logger.info("%s serving on port %d (log: %s)", name, port, log_path)
+    return ServiceProcess(name=name, process=process, log_path=log_path, port=port)
+
+
+def _stop(services: list[ServiceProcess]) -> None:
+    for service in reversed(services):
+        if service.process.poll() is None:
+            service.process.send_signal(signal.SIGTERM)
+    for service in reversed(services):
+        try:
+            service.process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            logger.warning("%s did not exit %.0f s after SIGTERM; killing it", service.name, STOP_TIMEOUT_S)
+        # Whatever the service left in its session (Ray workers) goes too.
+        try:
+            os.killpg(service.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        service.process.wait()
+        logger.info("%s stopped", service.name)
+
+
+@contextmanager
+def run_stack(config: StackConfig) -> Iterator[list[ServiceProcess]]:
+    """Start the three services, yield them once all serve, and stop them on exit."""
+    model_dir = resolve_model_dir(config.model)
+    log_dir = config.log_dir or Path(tempfile.mkdtemp(prefix="loftey-logs-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    services: list[ServiceProcess] = []
+    with tempfile.TemporaryDirectory(prefix="loftey-run-") as run_dir:
+        try:
+            host = ["--host", config.host]
+            tokenizer = _start_service(
+                "tokenizer", ["--model", str(model_dir), *host, "--port", "0"], log_dir, Path(run_dir)
+            )
+            services.append(tokenizer)
+            forward = _start_service(
+                "forward",
+                [
+                    "--model", str(model_dir), *host, "--port", "0",
+                    "--expert-groups", str(config.expert_groups),
+                    "--executor", config.executor,
+                    "--dtype", config.dtype,
+                    *config.extra_forward_args,
+                ],
+                log_dir,
+                Path(run_dir),
+            )
+            services.append(forward)
+            orchestrator = _start_service(
+                "orchestrator",
+                [
+                    "--tokenizer", f"{config.host}:{tokenizer.port}",
+                    "--forward", f"{config.host}:{forward.port}",
+                    *host, "--port", str(config.port),
+                    "--metrics-port", str(config.metrics_port),
+                    "--max-batch-size", str(config.max_batch_size),
+                    *config.extra_orchestrator_args,
+                ],
+                log_dir,
+                Path(run_dir),
+            )
+            services.append(orchestrator)
+            yield services
+        finally:
+            _stop(services)
+
+
+def serve(config: StackConfig) -> int:
+    """Run the stack until Ctrl-C or SIGTERM; return the process exit code."""
+    stop_requested = False
+
+    def request_stop(signum, frame):  # noqa: ARG001 - signal handler signature
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    with run_stack(config) as services:
+        public = services[-1]
+        print(f"Loftey is serving loftey.v1.Generation on {config.host}:{public.port}", flush=True)
+        print(f"logs: {public.log_path.parent}", flush=True)
+        while not stop_requested:
+            for service in services:
+                if service.process.poll() is not None:
+                    logger.error("%s exited with code %d; stopping", service.name, service.process.returncode)
+                    return 1
+            time.sleep(0.5)
+        print("stopping…", flush=True)
+    return 0
+
+
+def demo(config: StackConfig, message: str) -> int:
+    """Start the stack, stream one chat reply to stdout, and stop."""
+    from loftey.client import LofteyClient
+
+    with run_stack(config) as services:
+        address = f"{config.host}:{services[-1].port}"
+        print(f"Loftey is serving on {address}")
+        print(f"user> {message}")
+        print("loftey> ", end="", flush=True)
+        client = LofteyClient(address)
+        for chunk in client.stream(messages=[{"role": "user", "content": message}], temperature=0.0, max_new_tokens=64):
+            print(chunk.text, end="", flush=True)
+        print()
+        client.close()
+    return 0
