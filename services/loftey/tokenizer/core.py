@@ -23,6 +23,7 @@ from loftey.tokenizer.detokenize import DetokenizeResult, IncrementalDetokenizer
 from loftey.tokenizer.limits import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TEXT_CHARS
 
 logger = logging.getLogger(__name__)
+
 # Tokens that end a chat turn or a document, reported as end ids when the
 # vocabulary has them (besides the folder's eos_token).
 END_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -102,6 +103,10 @@ class TokenizerCore:
 
         With ``add_generation_prompt`` the assistant's prompt follows the last
         message, so generation continues as the assistant.
+
+        NOTE: as in transformers' apply_chat_template, special-token text in a
+        message's content (a user typing "<|im_end|>") becomes the special
+        token, so a message can end its own turn and start another one.
         """
         text = self.render_chat(messages, add_generation_prompt, field)
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -155,7 +160,7 @@ class TokenizerCore:
         finished: bool = False,
         field: str = "",
     ) -> DetokenizeResult:
-        """Advance one streaming detokenizer; see :mod:`loftey.tokenizer.detokenize`.
+        """Advance one streaming detokenizer, as described in :mod:`loftey.tokenizer.detokenize`.
 
         ``window`` is the sequence's ids from ``prefix_offset`` to its end.
         ``field`` prefixes the names in error messages (e.g. "sequences[3].").
@@ -206,6 +211,8 @@ class TokenizerCore:
         for index, message in enumerate(messages):
             if isinstance(message, Mapping):
                 message = ChatMessage(role=message.get("role", ""), content=message.get("content", ""))
+            if not isinstance(message.content, str):
+                raise InvalidInputError(f"{field}[{index}].content", "a string", type(message.content).__name__)
             if message.role not in CHAT_ROLES:
                 raise InvalidInputError(f"{field}[{index}].role", f"one of {', '.join(CHAT_ROLES)}", message.role)
             total_chars += len(message.content)
