@@ -18,9 +18,14 @@ from interop_tools import GO_DIR, GO_TOOLS, INSTALL_TIMEOUT_S, NODE_DIR, require
 
 @pytest.fixture(scope="session")
 def go_env() -> dict[str, str]:
-    """Environment for go commands: never download a Go toolchain, only modules."""
+    """Environment for go commands: never download a Go toolchain, only modules.
+
+    -buildvcs=false because the binaries need no git stamp, and stamping fails
+    in checkouts where git cannot read the repository.
+    """
     require_program("go")
-    return {**os.environ, "GOTOOLCHAIN": "local", "GOFLAGS": "-buildvcs=false"}
+    go_flags = f"{os.environ.get('GOFLAGS', '')} -buildvcs=false".strip()
+    return {**os.environ, "GOTOOLCHAIN": "local", "GOFLAGS": go_flags}
 
 
 @pytest.fixture(scope="session")
