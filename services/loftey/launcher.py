@@ -110,6 +110,22 @@ def _wait_for_port(service: str, process: subprocess.Popen, port_file: Path, log
     raise TimeoutError(f"{service} service not serving after {STARTUP_TIMEOUT_S:.0f} s; see {log_path}")
 
 
+def _terminate_with_parent() -> None:
+    """Ask Linux to send SIGTERM to this child process when its parent dies.
+
+    Runs in the child between fork and exec, so a launcher killed without a
+    chance to clean up (SIGKILL, or SIGTERM in a script without handlers)
+    leaves no service behind.
+    """
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def _start_service(name: str, args: list[str], log_dir: Path, run_dir: Path) -> ServiceProcess:
     port_file = run_dir / f"{name}.port"
     log_path = log_dir / f"{name}.log"
@@ -120,7 +136,12 @@ def _start_service(name: str, args: list[str], log_dir: Path, run_dir: Path) -> 
         # A session of its own, so stopping the service also reaches the
         # processes it started (Ray's).
         process = subprocess.Popen(
-            command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            command,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_terminate_with_parent,
         )
     port = _wait_for_port(name, process, port_file, log_path)
     logger.info("%s serving on port %d (log: %s)", name, port, log_path)
