@@ -5,9 +5,9 @@ rows gets None and returns None at once. When an actor dies the graph is torn
 down, the actors are waited for (Ray restarts them) and the graph is compiled
 again before the call is retried, within the executor's attempts and time.
 
-NOTE: compiled-graph actors busy-wait for their next input, so each keeps a
-core spinning between tokens (Ray 2.60); see benchmarks/forward_step.py for
-what that costs the forward process.
+NOTE: compiled-graph actors busy-wait for their next input (Ray 2.60), so each
+keeps a core spinning between tokens. benchmarks/forward_step.py measures
+what that costs.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class CompiledGraphExecutor(RayCallsExecutor):
     """Ray actors called through one compiled graph that fans out to every group and gathers their outputs."""
 
     name = "ray-compiled"
+    ray_retries_tasks = False
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -62,7 +63,7 @@ class CompiledGraphExecutor(RayCallsExecutor):
         super().close()
 
     def _recover(self, deadline: float) -> None:
-        """Tear the graph down, wait until every actor answers (Ray restarts dead ones), and compile again."""
+        """Tear the graph down, wait until every actor responds (Ray restarts dead ones), and compile again."""
         self._teardown()
         refs = [actor.describe.remote() for actor in self.actors]
         ray.get(refs, timeout=max(deadline - time.monotonic(), 0.0))
@@ -83,9 +84,9 @@ class CompiledGraphExecutor(RayCallsExecutor):
                     self._recover(deadline)
                 outputs = ray.get(self.graph.execute(*payloads), timeout=max(deadline - time.monotonic(), 0.0))
                 break
-            except RayTaskError as task_error:
-                raise ExpertGroupUnavailable(-1, f"layer {layer} call raised: {task_error}") from task_error
-            except (RayActorError, RayChannelError, GetTimeoutError) as call_error:
+            # A RayTaskError here is usually the graph's loop failing on a restarted
+            # actor, not the experts' code, so it is retried like a dead actor.
+            except (RayActorError, RayChannelError, RayTaskError, GetTimeoutError) as call_error:
                 error = call_error
                 logger.warning("compiled graph: layer %d call failed (%s); attempt %d", layer, call_error, attempt)
                 self._teardown()

@@ -46,7 +46,7 @@ class StepPlan:
 
 @dataclass
 class SequenceState:
-    """What the engine keeps for one live sequence between steps."""
+    """Per-sequence state the engine keeps between steps."""
 
     sequence_id: int
     slot: int

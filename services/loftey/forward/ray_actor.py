@@ -20,9 +20,6 @@ from loftey.forward.weights import load_config, load_expert_tensors
 
 logger = logging.getLogger(__name__)
 
-# torch warns on wrapping a read-only array; the experts only read their inputs.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-
 
 def to_wire(tensor: torch.Tensor) -> np.ndarray:
     """Return a numpy view of a CPU tensor; bfloat16 becomes its int16 bits."""
@@ -33,7 +30,13 @@ def to_wire(tensor: torch.Tensor) -> np.ndarray:
 
 def from_wire(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     """Return a torch view of a wire array in dtype; the array is not copied and not written."""
-    tensor = torch.from_numpy(array)
+    if array.flags.writeable:
+        tensor = torch.from_numpy(array)
+    else:
+        with warnings.catch_warnings():
+            # Ray's zero-copy results are read-only; torch warns although nothing writes to them.
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.from_numpy(array)
     if dtype == torch.bfloat16:
         return tensor.view(torch.bfloat16)
     return tensor
@@ -77,17 +80,19 @@ class ExpertGroupActor:
         logger.info("expert group %d loaded experts %s (%d bytes)", group, experts, self.bank.nbytes())
 
     def describe(self) -> dict:
-        """Return this process's pid, Ray node id, expert bytes and current RSS."""
+        """Return this process's pid, Ray node id, expert bytes, RSS and USS (memory no other process shares)."""
         import psutil
         import ray
 
+        memory = psutil.Process().memory_full_info()
         return {
             "group": self.group,
             "experts": self.experts,
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "expert_bytes": self.bank.nbytes(),
-            "rss_bytes": psutil.Process().memory_info().rss,
+            "rss_bytes": memory.rss,
+            "uss_bytes": memory.uss,
         }
 
     def compute(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Expert groups as Ray actors, called with classic Ray actor calls.
 
-One actor per group (group g holds experts [g * E / G, (g + 1) * E / G)),
-each loading only its experts' tensors. Ray restarts a dead actor up to
+One actor per group, each loading only its experts' tensors: group g runs
+experts [g * E / G, (g + 1) * E / G). Ray restarts a dead actor up to
 `max_restarts` times and retries its pending calls up to `max_task_retries`
 times; on top of that, a layer call is given `max_attempts` tries and
 `call_timeout_s` seconds in all, after which the group counts as unavailable.
@@ -29,7 +29,7 @@ RETRY_BACKOFF_S = 0.05
 
 @dataclass(frozen=True)
 class RayActorOptions:
-    """How the expert-group actors are created and how hard a layer call tries."""
+    """Creation options of the expert-group actors, and the bounds of one layer call."""
 
     max_restarts: int = 3  # restarts Ray makes of a dead actor; 0 disables
     max_task_retries: int = 3  # times Ray resubmits a call to a restarted actor
@@ -55,21 +55,37 @@ class RayCallsExecutor(ExpertExecutor):
     """Each group's experts in a Ray actor; one classic actor call per group per layer."""
 
     name = "ray-calls"
+    #: Whether Ray resubmits an actor's calls after restarting it. A compiled graph's
+    #: long-running loop task must not be resubmitted to the restarted actor.
+    ray_retries_tasks = True
 
     def __init__(
-        self, config, partition: ExpertPartition, model_dir: str, dtype: str, options: RayActorOptions = RayActorOptions()
+        self,
+        config,
+        partition: ExpertPartition,
+        model_dir: str,
+        dtype: str,
+        options: RayActorOptions = RayActorOptions(),
+        actors: list | None = None,
     ) -> None:
+        """`actors`: running ExpertGroupActor handles, one per group in order, to use instead of
+        creating new ones; close() then leaves them running (benchmarks and tests compare
+        executors over the same actors)."""
         super().__init__(config, partition, model_dir, dtype)
         self.options = options
-        self.actors: list = []
+        self.owns_actors = actors is None
+        self.actors: list = list(actors or [])
         self.group_info: list[dict] = []
 
     def start(self) -> None:
+        if not self.owns_actors:
+            self.group_info = self.describe_groups()
+            return
         actor_class = ray.remote(ExpertGroupActor)
         for group in range(self.partition.num_groups):
             actor = actor_class.options(
                 max_restarts=self.options.max_restarts,
-                max_task_retries=self.options.max_task_retries if self.options.max_restarts else 0,
+                max_task_retries=self.options.max_task_retries if self.options.max_restarts and self.ray_retries_tasks else 0,
                 num_cpus=self.options.num_cpus,
                 # The shared-memory server and a compiled graph's loop run beside ordinary calls.
                 max_concurrency=4,
@@ -92,8 +108,9 @@ class RayCallsExecutor(ExpertExecutor):
         return ray.get([actor.describe.remote() for actor in self.actors], timeout=self.options.call_timeout_s)
 
     def close(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
+        if self.owns_actors:
+            for actor in self.actors:
+                ray.kill(actor, no_restart=True)
         self.actors = []
 
     def submit(self, layer: int, call: GroupCall) -> ray.ObjectRef:

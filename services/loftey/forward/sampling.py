@@ -52,12 +52,14 @@ def sample_rows(
 ) -> list[SampledToken]:
     """Draw one token per row of float32 logits [B, V].
 
-    Steps: 1) apply each row's repetition penalty to its seen tokens (prompt
-    and generated), keeping the raw rows; 2) run the Rust sampler on every
-    row, with row b's random draw keyed by (seed, steps[b]); 3) for penalised
-    rows, recompute the logprobs from the raw logits, because logprobs are
-    reported under the model's own distribution. A row the sampler rejects
-    (NaN logits, all -inf) comes back with `error` set.
+    Steps:
+    1) Apply each row's repetition penalty to its seen tokens (prompt and
+       generated), keeping a copy of the raw row.
+    2) Run the Rust sampler on every row. Row b's random draw is keyed by
+       (seed, steps[b]).
+    3) Recompute the logprobs of penalised rows from their raw logits,
+       because logprobs are reported under the model's own distribution.
+    A row the sampler rejects (NaN logits, all -inf) comes back with `error` set.
     """
     num_rows, vocab_size = logits.shape
     logits = logits.contiguous()

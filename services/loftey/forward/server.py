@@ -13,11 +13,14 @@ import logging
 import os
 import signal
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from loftey.forward.ray_executor import RayActorOptions
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +41,14 @@ class ForwardSettings:
     dtype: str = "float32"  # "float32" or "bfloat16"
     kv_slots: int = DEFAULT_KV_SLOTS  # live sequences at most
     ray_address: str | None = None  # None starts a local Ray (not for the local executor)
-    ray_options: object = field(default=None)  # RayActorOptions; None for the defaults
+    ray_options: RayActorOptions | None = None  # None: RayActorOptions() defaults
 
 
-def build_executor(settings: ForwardSettings, config):
-    """Create (not start) the expert executor the settings name; raise ValueError for an unknown name."""
+def build_executor(settings: ForwardSettings, config, actors: list | None = None):
+    """Create (not start) the expert executor the settings name; raise ValueError for an unknown name.
+
+    `actors` (Ray executors only): running expert-group actors to use instead of creating them.
+    """
     from loftey.forward.partition import ExpertPartition
 
     partition = ExpertPartition(config.expert_num, settings.expert_groups)
@@ -59,20 +65,23 @@ def build_executor(settings: ForwardSettings, config):
     if settings.executor == "ray":
         from loftey.forward.shm_executor import SharedMemoryExecutor
 
-        return SharedMemoryExecutor(config, partition, settings.model_dir, settings.dtype, options)
+        return SharedMemoryExecutor(config, partition, settings.model_dir, settings.dtype, options, actors)
     if settings.executor == "ray-calls":
         from loftey.forward.ray_executor import RayCallsExecutor
 
-        return RayCallsExecutor(config, partition, settings.model_dir, settings.dtype, options)
+        return RayCallsExecutor(config, partition, settings.model_dir, settings.dtype, options, actors)
     if settings.executor == "ray-compiled":
         from loftey.forward.compiled_executor import CompiledGraphExecutor
 
-        return CompiledGraphExecutor(config, partition, settings.model_dir, settings.dtype, options)
+        return CompiledGraphExecutor(config, partition, settings.model_dir, settings.dtype, options, actors)
     raise ValueError(f"executor must be one of {', '.join(EXECUTOR_CHOICES)}, got {settings.executor!r}")
 
 
-def build_engine(settings: ForwardSettings):
-    """Load the model, start the expert groups and run the warm-up step; return the ready engine."""
+def build_engine(settings: ForwardSettings, actors: list | None = None):
+    """Load the model, start the expert groups and run the warm-up step; return the ready engine.
+
+    `actors` (Ray executors only): running expert-group actors to use instead of creating them.
+    """
     import torch
 
     from loftey.forward.engine import ForwardEngine
@@ -82,7 +91,7 @@ def build_engine(settings: ForwardSettings):
         raise ValueError(f"dtype must be one of {', '.join(FORWARD_DTYPES)}, got {settings.dtype!r}")
     torch.set_num_threads(1)
     config = load_config(settings.model_dir)
-    executor = build_executor(settings, config)
+    executor = build_executor(settings, config, actors)
     executor.start()
     try:
         weights = load_dense_weights(settings.model_dir, config, settings.dtype)
@@ -121,7 +130,7 @@ async def bind_forward_server(settings: ForwardSettings, host: str = "127.0.0.1"
 
 
 async def load_forward_engine(running, servicer, settings: ForwardSettings) -> None:
-    """Build the engine in a worker thread (health keeps answering), attach it and report SERVING.
+    """Build the engine in a worker thread, attach it and report SERVING; health checks get responses meanwhile.
 
     Stops the server when loading fails, and re-raises.
     """
@@ -174,7 +183,7 @@ async def run_forward_service(settings: ForwardSettings, host: str, port: int, p
 def serve_forward(
     model: Annotated[Path, typer.Option(help="Checkpoint folder (config.json and model.safetensors).")],
     expert_groups: Annotated[
-        int, typer.Option(min=1, help="Expert groups G; group g holds experts [g*E/G, (g+1)*E/G). Must divide E.")
+        int, typer.Option(min=1, help="Expert groups G, a divisor of the expert count E; group g runs experts [g*E/G, (g+1)*E/G).")
     ] = 2,
     executor: Annotated[
         str,

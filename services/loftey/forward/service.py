@@ -1,7 +1,7 @@
 """The gRPC Forward servicer: protobuf in and out, the engine in a worker thread.
 
 One step or release runs at a time, in a single worker thread, so the event
-loop keeps answering health checks and GetStats while torch computes.
+loop still responds to health checks and GetStats while torch computes.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class ForwardServicer(forward_pb2_grpc.ForwardServicer):
         self._probe_task: asyncio.Task | None = None
 
     def attach(self, engine: ForwardEngine) -> None:
-        """Start answering calls with a loaded, warmed-up engine."""
+        """Serve calls with a loaded, warmed-up engine from now on."""
         self._engine = engine
 
     @property
@@ -83,16 +83,19 @@ class ForwardServicer(forward_pb2_grpc.ForwardServicer):
             self._probe_task = asyncio.create_task(self._probe_until_healthy())
 
     async def _probe_until_healthy(self) -> None:
-        """Call every expert group until all answer again, then report SERVING."""
+        """Call every expert group until all of them respond again, then report SERVING."""
+        failures = 0
         while not self.serving:
             await asyncio.sleep(HEALTH_PROBE_INTERVAL_S)
             async with self._lock:
                 try:
                     await self._run(self.engine.executor.warm_up)
                 except Exception as error:  # noqa: BLE001 - any failure means still unavailable
-                    logger.info("expert groups still unavailable: %s", error)
+                    failures += 1
+                    # The first failure is logged at INFO, repeats (every probe interval) at DEBUG.
+                    logger.log(logging.INFO if failures == 1 else logging.DEBUG, "expert groups still unavailable: %s", error)
                     continue
-            logger.info("every expert group answers again; serving")
+            logger.info("every expert group responds again; serving")
             await self.set_serving(True)
 
     @handle_errors

@@ -1,12 +1,12 @@
 """A same-node channel for layer calls: shared-memory buffers plus a Unix socket for signalling.
 
-The forward process creates a buffer file (in /dev/shm where it exists) and
-each expert-group actor maps it; the actor also listens on a Unix socket.
-A call writes the rows, expert ids and weights into the buffer and sends a
-12-byte header (call id, layer, rows) over the socket; the actor computes
-from the buffer, writes its partial output into the buffer's output region
-and replies with (call id, status, message length) and an error message when
-the status is not 0. Only the header and reply cross the socket, so a layer
+The forward process creates a buffer file (in /dev/shm where it exists), and
+each expert-group actor maps it and listens on a Unix socket. A call writes
+the rows, expert ids and weights into the buffer and sends a 12-byte header
+(call id, layer, rows) over the socket. The actor computes from the buffer,
+writes its partial output into the buffer's output region, and replies with
+(call id, status, message length), followed by an error message when the
+status is not 0. Only the header and the reply cross the socket, so a layer
 hop costs two small socket messages instead of pickled arrays.
 
 The file is a plain mmap, not multiprocessing.shared_memory: that module's
@@ -49,7 +49,7 @@ class ChannelError(Exception):
 
 @dataclass(frozen=True)
 class ChannelSpec:
-    """Where a channel's buffer and socket are and the shapes its buffer holds."""
+    """Paths of a channel's buffer and socket, and the shapes of the buffer's regions."""
 
     buffer_path: str
     socket_path: str
@@ -104,7 +104,7 @@ class ChannelBuffers:
         try:
             self._map.close()
         except BufferError:
-            # A caller still holds a view; the mapping goes when that view does.
+            # A caller still has a view, so the mapping is freed when that view is.
             pass
 
 

@@ -1,10 +1,11 @@
 """Expert-group Ray actors reached through shared memory when they share the forward process's node.
 
-Ray still creates, places and restarts the actors and carries calls to
-actors on other nodes; only the per-layer data of same-node actors moves
+Ray still creates, places and restarts the actors, and carries the calls to
+actors on other nodes. Only the per-layer data of same-node actors moves
 through a ChannelClient (shared-memory buffer plus Unix socket). When a
-channel breaks (its actor died), the group is re-opened on the actor Ray
-restarted and the call is retried, within the executor's attempts and time.
+channel breaks because its actor died, the channel is opened again on the
+actor that Ray restarted and the call is retried, within the executor's
+attempts and time.
 """
 
 from __future__ import annotations
