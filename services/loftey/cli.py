@@ -198,6 +198,16 @@ def _register_train_command() -> None:
 _register_train_command()
 
 
+def _register_bench_commands() -> None:
+    # The module imports only typer and the standard library at the top.
+    from loftey.bench.command import bench_app
+
+    app.add_typer(bench_app, name="bench")
+
+
+_register_bench_commands()
+
+
 def main() -> None:
     """Entry point of the `loftey` console script."""
     app()

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 
 import grpc
 
-from loftey.bench.metrics import BenchSummary, RequestRecord, summarize
+from loftey.bench.metrics import summarize
 from loftey.bench.progress import LiveProgress
+from loftey.bench.result import RunResult
 from loftey.bench.runner import LoadSettings, run_load
-from loftey.bench.server_stats import ServerLoad, ServerProbe, server_load
+from loftey.bench.server_stats import ServerProbe, server_load
 from loftey.bench.workload import BenchRequest, WorkloadSpec, build_workload
 from loftey.rpc import PUBLIC_MAX_MESSAGE_BYTES, channel_options
 from loftey.v1 import generation_pb2, generation_pb2_grpc
@@ -20,47 +21,6 @@ logger = logging.getLogger(__name__)
 MODEL_INFO_TIMEOUT_S = 30.0
 # Seed offset of the warm-up requests, so they differ from the measured ones.
 WARMUP_SEED_OFFSET = 1_000_003
-
-
-@dataclass
-class RunResult:
-    """Everything one run measured, as written to its JSON file."""
-
-    label: str
-    workload: str
-    load: str
-    # GetModelInfo of the server: model_id, dtype, executor, expert_groups, ...
-    model_info: dict
-    summary: BenchSummary
-    server: ServerLoad | None
-    records: list[RequestRecord] = field(default_factory=list)
-    # Free-form facts of the point (sweep coordinates, stack start-up seconds, ...).
-    extra: dict = field(default_factory=dict)
-
-    def to_dict(self, with_records: bool = True) -> dict:
-        return {
-            "label": self.label,
-            "workload": self.workload,
-            "load": self.load,
-            "model_info": self.model_info,
-            "summary": self.summary.to_dict(),
-            "server": self.server.to_dict() if self.server else None,
-            "extra": self.extra,
-            "records": [asdict(record) for record in self.records] if with_records else [],
-        }
-
-    @classmethod
-    def from_dict(cls, values: dict) -> RunResult:
-        return cls(
-            label=values["label"],
-            workload=values["workload"],
-            load=values["load"],
-            model_info=values["model_info"],
-            summary=BenchSummary.from_dict(values["summary"]),
-            server=ServerLoad.from_dict(values["server"]) if values.get("server") else None,
-            records=[RequestRecord(**record) for record in values.get("records", [])],
-            extra=values.get("extra", {}),
-        )
 
 
 async def fetch_model_info(address: str) -> generation_pb2.GetModelInfoResponse:
