@@ -45,6 +45,7 @@ def test_float32_lm_head_is_column_major(tiny_checkpoint):
 
     assert model.lm_head.weight.shape == (512, 64)
     assert model.lm_head.weight.stride() == (1, 512)
+    assert model.model.layers[0].mlp.experts[0].down_proj.weight.stride() == (1, 64)
     assert model.state_dict()["lm_head.weight"].shape == (512, 64)
 
 

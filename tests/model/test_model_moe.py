@@ -88,8 +88,9 @@ def test_tokens_routed_to_two_experts_only(moe):
         torch.testing.assert_close(out, expected, atol=TOLERANCE, rtol=0)
 
 
-def test_expert_groups_sum_to_full_output(moe):
-    hidden = torch.randn(9, HIDDEN)
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_expert_groups_sum_to_full_output(moe, tokens):
+    hidden = torch.randn(tokens, HIDDEN)
 
     with torch.no_grad():
         weights, expert_ids = moe.route(hidden)

@@ -156,6 +156,19 @@ def find_weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder} has no {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME})")
 
 
+def group_by_block(names) -> list[tuple[str, list[str]]]:
+    """Group tensor names by loading block: a whole decoder layer, else the owning module."""
+    blocks: dict[str, list[str]] = {}
+    for name in names:
+        parts = name.split(".")
+        if parts[:2] == ["model", "layers"]:
+            block = ".".join(parts[:3])  # model.layers.{i}
+        else:
+            block = name.rsplit(".", 1)[0]
+        blocks.setdefault(block, []).append(name)
+    return list(blocks.items())
+
+
 def read_config(folder: Path) -> LofteyConfig:
     """Read `config.json` of a checkpoint folder into a LofteyConfig."""
     path = folder / CONFIG_NAME
@@ -213,8 +226,8 @@ def load_pretrained(
     Steps: 1) read config.json (unless `config` is given), 2) build the model without
     allocating weights, 3) compare the files' tensor names and shapes with the model's and
     raise CheckpointError naming every difference, 4) read each tensor into place in the
-    requested dtype, 5) apply the dtype's inference layout (int8 quantization, lm_head
-    layout).
+    requested dtype and layout, one block at a time, quantizing each block right after
+    it is read when the dtype is int8.
 
     Args:
         dtype: "float32" (default), "bfloat16" or "int8"; see `loftey.model.dtypes`.
@@ -250,16 +263,20 @@ def load_pretrained(
             located[name] = weights
     check_tensors(expected, {name: f.entries[name][1] for name, f in located.items()}, folder, config)
 
-    # 4) read into place
-    state = {}
-    for name, shape in expected.items():
-        dest = model_dtype.empty_for(name, shape)
-        located[name].read_into(name, dest)
-        state[name] = dest
-    model.load_state_dict(state, strict=True, assign=True)
+    # 4) read block by block (embedding, each decoder layer, final norm, lm_head) and put
+    # each block in its inference form at once, so that int8 holds one block in float32
+    for block_name, names in model_dtype.load_order(model, group_by_block(expected), expected):
+        block = model.get_submodule(block_name)
+        state = {}
+        for name in names:
+            dest = model_dtype.empty_for(name, expected[name])
+            located[name].read_into(name, dest)
+            state[name[len(block_name) + 1:]] = dest
+        block.load_state_dict(state, strict=True, assign=True)
+        # Quantizing replaces modules; no reference may keep their float32 weights alive.
+        del state, dest, block
+        model_dtype.finish_block(model, block_name)
     model.eval()
 
-    # 5) inference layout
-    model = model_dtype.finish(model)
     logger.info("loaded %s from %s as %s", cls.__name__, folder, model_dtype.name)
     return model

@@ -34,8 +34,7 @@ class LofteyRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
 
@@ -58,6 +57,8 @@ def build_attention_mask(
         None when every new token may see every key (one new token, no padding).
     """
     num_keys = num_cached + num_new
+    if padding_mask is not None and padding_mask.ndim == 2 and bool(padding_mask.all()):
+        padding_mask = None  # no padding: a plain causal mask, or none at all for one new token
     if padding_mask is None and num_new == 1:
         return None
     key_pos = torch.arange(num_keys, device=device)  # [S]

@@ -82,6 +82,9 @@ def apply_experts(
     """
     if isinstance(experts, nn.ModuleList):
         experts = dict(enumerate(experts))
+    if hidden.shape[0] == 1:
+        return _apply_experts_one_token(hidden, weights, expert_ids, experts)
+
     num_active = expert_ids.shape[-1]
     flat_ids = expert_ids.reshape(-1)  # [T*A]
     order = torch.argsort(flat_ids, stable=True)  # [T*A], grouped by expert
@@ -99,6 +102,19 @@ def apply_experts(
             expert_out = module(hidden[rows]) * sorted_weights[start:end, None]  # [n, C]
             out.index_add_(0, rows, expert_out)
         start = end
+    return out
+
+
+def _apply_experts_one_token(
+    hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, experts: Mapping[int, nn.Module]
+) -> torch.Tensor:
+    """apply_experts for T = 1, the common decode step: no sort or scatter, experts in ascending order."""
+    out = torch.zeros_like(hidden)
+    ranked = sorted(zip(expert_ids[0].tolist(), weights[0].to(hidden.dtype)), key=lambda pair: pair[0])
+    for expert_id, weight in ranked:
+        module = experts.get(expert_id)
+        if module is not None:
+            out = out + module(hidden) * weight
     return out
 
 

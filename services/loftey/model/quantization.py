@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import warnings
 
 from torch import nn
@@ -10,8 +11,20 @@ from torch import nn
 ROUTER_NAME = "gate"
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Quantize the model's linear layers (routers excepted) to int8; returns the same model, changed in place.
+def is_quantizable(name: str, module: nn.Module) -> bool:
+    """Whether quantize_int8 converts this submodule: a plain nn.Linear that is not a router."""
+    return type(module) is nn.Linear and name.rsplit(".", 1)[-1] != ROUTER_NAME
+
+
+def has_quantizable_linear(module: nn.Module) -> bool:
+    """Whether quantize_int8 would convert anything inside `module`."""
+    return any(is_quantizable(name, child) for name, child in module.named_modules())
+
+
+def quantize_int8(model: nn.Module, prefix: str = "") -> nn.Module:
+    """Quantize the float32 linear layers under submodule `prefix` ("" for all), routers excepted, to int8.
+
+    Changes `model` in place and returns it.
 
     Weights are int8 with one scale per output channel; activations are quantized per call
     (dynamic quantization), and the matmuls run in fbgemm/x86 int8 kernels.
@@ -23,14 +36,19 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     """
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    model = model.float()
     qconfig_spec = {
         name: per_channel_dynamic_qconfig
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] != ROUTER_NAME
+        if is_quantizable(name, module) and (not prefix or name == prefix or name.startswith(prefix + "."))
     }
+    if not qconfig_spec:
+        return model
     with warnings.catch_warnings():
         # The deprecation warnings of torch.ao.quantization and of quantized tensors.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)
-        return quantize_dynamic(model, qconfig_spec, inplace=True)
+        quantize_dynamic(model, qconfig_spec, inplace=True)
+    # The replaced float32 modules sit in reference cycles; free them now, not at the next
+    # collection, so that loading block by block keeps one block of float32 in memory.
+    gc.collect()
+    return model
