@@ -1,88 +1,18 @@
 //! Passes over one row of logits, written so that LLVM vectorizes them.
 //!
-//! Each kernel works on fixed blocks of [`LANES`] floats counted from the start of the row,
-//! never from an aligned address, so a row's floating-point sums are the same wherever the
-//! row sits in the batch. On x86-64 each kernel is compiled twice, once for the baseline
-//! (SSE2) and once with AVX2, and the AVX2 copy runs when the CPU has it. Neither copy
-//! fuses multiply-adds (Rust never contracts `a * b + c`), so both give bit-identical results.
+//! The weights w = exp((x - max) * scale) are recomputed by every pass that needs them
+//! rather than stored: a row of 151,646 logits (600 KB) stays in L2 cache between passes, a
+//! stored copy beside it would not. Sums run over chunks of [`CHUNK`] values counted from the
+//! start of the row and add up in a fixed order, so a row's sums are the same wherever the
+//! row sits in its batch.
 
-/// Width of the blocks the kernels process.
+use crate::simd::{dispatch, exp_non_positive};
+
+/// Width of the blocks whose maximum the top-k pass checks at once.
 pub const LANES: usize = 16;
 
-/// Number of floats summed per entry of the chunk sums that drive the sampling scan.
-pub const CHUNK: usize = 64;
-
-/// Below ln(f32::MIN_POSITIVE) the exponential would be subnormal, and it is flushed to 0:
-/// such a token has less than 1e-38 of the probability of the most likely one.
-const EXP_MIN_INPUT: f32 = -87.336_55;
-const LOG2_E: f32 = std::f32::consts::LOG2_E;
-// ln 2 split into a part with few mantissa bits and a correction (Cephes expf), so that
-// n * LN2_HI is exact.
-const LN2_HI: f32 = 0.693_359_4;
-const LN2_LO: f32 = -2.121_944_4e-4;
-/// Adding 1.5 * 2^23 rounds an f32 of magnitude below 2^22 to the nearest integer.
-const ROUND_MAGIC: f32 = 12_582_912.0;
-// Minimax polynomial for (e^r - 1 - r) / r^2 on |r| <= ln(2) / 2 (Cephes expf).
-const EXP_POLY: [f32; 6] = [
-    1.987_569_2e-4,
-    1.398_199_9e-3,
-    8.333_452e-3,
-    4.166_579_6e-2,
-    0.166_666_65,
-    0.5,
-];
-
-/// Computes e^x for x <= 0 within 2 ulp, flushing results below `f32::MIN_POSITIVE` to 0.
-///
-/// Branch-free so that loops calling it vectorize. `x = -inf` gives 0; positive `x` and NaN
-/// are outside its contract.
-#[inline(always)]
-pub fn exp_non_positive(x: f32) -> f32 {
-    let clamped = if x < EXP_MIN_INPUT { EXP_MIN_INPUT } else { x };
-
-    // 1. Split x = n ln 2 + r with integer n and |r| <= ln(2) / 2.
-    let shifted = clamped * LOG2_E + ROUND_MAGIC;
-    let n = shifted - ROUND_MAGIC;
-    let r = clamped - n * LN2_HI - n * LN2_LO;
-
-    // 2. e^r by the polynomial.
-    let mut poly = EXP_POLY[0];
-    for coefficient in &EXP_POLY[1..] {
-        poly = poly * r + coefficient;
-    }
-    let exp_r = poly * (r * r) + r + 1.0;
-
-    // 3. Scale by 2^n, built from n's bits: n is in [-126, 0], so 2^n is a normal float.
-    let n_int = shifted.to_bits() as i32 - ROUND_MAGIC.to_bits() as i32;
-    let two_pow_n = f32::from_bits(((n_int + 127) << 23) as u32);
-    let result = exp_r * two_pow_n;
-    if x < EXP_MIN_INPUT {
-        0.0
-    } else {
-        result
-    }
-}
-
-/// Calls the AVX2 build of a kernel when the CPU supports it, the baseline build otherwise.
-macro_rules! dispatch {
-    ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty => $body:ident) => {
-        $(#[$attr])*
-        $vis fn $name($($arg: $ty),*) -> $ret {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2")]
-                fn with_avx2($($arg: $ty),*) -> $ret {
-                    $body($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx2") {
-                    // SAFETY: the CPU supports AVX2, checked on the line above.
-                    return unsafe { with_avx2($($arg),*) };
-                }
-            }
-            $body($($arg),*)
-        }
-    };
-}
+/// Number of weights computed and summed together. `tree_sum` is written for this value.
+pub const CHUNK: usize = 256;
 
 /// Maximum of one row and whether it contains NaN.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -93,7 +23,7 @@ pub struct RowScan {
 }
 
 #[inline(always)]
-fn scan_body(row: &[f32]) -> RowScan {
+fn scan_body<const FUSED: bool>(row: &[f32]) -> RowScan {
     let mut max = [f32::NEG_INFINITY; LANES];
     let mut nan = [false; LANES];
     let blocks = row.chunks_exact(LANES);
@@ -131,115 +61,160 @@ pub fn first_index_of(row: &[f32], value: f32) -> Option<usize> {
     blocks.remainder().iter().position(|&x| x == value).map(|i| start + i)
 }
 
-/// Maximum of one block, for skipping blocks that cannot hold a candidate.
+/// Writes the weights of `chunk` (at most [`CHUNK`] logits) to `w`, and 0 past its end.
 #[inline(always)]
-pub fn block_max(block: &[f32; LANES]) -> f32 {
-    block.iter().fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+fn chunk_weights<const FUSED: bool>(chunk: &[f32], max: f32, scale: f32, w: &mut [f32; CHUNK]) {
+    if let Ok(full) = <&[f32; CHUNK]>::try_from(chunk) {
+        for i in 0..CHUNK {
+            w[i] = exp_non_positive::<FUSED>((full[i] - max) * scale);
+        }
+    } else {
+        for (i, out) in w.iter_mut().enumerate() {
+            *out = chunk.get(i).map_or(0.0, |&x| exp_non_positive::<FUSED>((x - max) * scale));
+        }
+    }
 }
 
-/// Sums a block's lanes in a fixed order.
+/// Keeps the weights whose bit pattern is above `above_bits` (for non-negative floats, bit
+/// order is numeric order) and zeroes the others.
 #[inline(always)]
-fn sum_lanes(lanes: &[f32; LANES]) -> f32 {
-    let mut width = LANES / 2;
-    let mut acc = *lanes;
+fn mask_weights(w: &[f32; CHUNK], above_bits: u32) -> [f32; CHUNK] {
+    let mut masked = [0.0f32; CHUNK];
+    for i in 0..CHUNK {
+        masked[i] = if w[i].to_bits() > above_bits { w[i] } else { 0.0 };
+    }
+    masked
+}
+
+/// Adds the upper `width` entries of `values` to the lower ones.
+#[inline(always)]
+fn fold(values: &mut [f32; CHUNK], width: usize) {
+    for i in 0..width {
+        values[i] += values[i + width];
+    }
+}
+
+/// Sums a chunk as a pairwise tree: level k has `CHUNK >> k` nodes and node i of it is the
+/// sum of nodes i and i + (CHUNK >> k) of level k - 1. The fixed order keeps dependency
+/// chains short and lets [`descend`] invert the sum exactly as it was computed.
+#[inline(always)]
+fn tree_sum(values: &[f32; CHUNK]) -> f32 {
+    let mut level = *values;
+    // One call per level, each with a constant width, so that each vectorizes.
+    fold(&mut level, CHUNK / 2);
+    fold(&mut level, CHUNK / 4);
+    fold(&mut level, CHUNK / 8);
+    fold(&mut level, CHUNK / 16);
+    fold(&mut level, CHUNK / 32);
+    fold(&mut level, CHUNK / 64);
+    fold(&mut level, CHUNK / 128);
+    fold(&mut level, CHUNK / 256);
+    level[0]
+}
+
+/// Finds the element of `values` (non-negative, with a positive sum) whose interval holds
+/// `target` when the intervals are laid out in the order of [`tree_sum`]'s tree: descending
+/// from the root, go to the left child when `target` is below its sum, else subtract it and
+/// go right. Children of sum 0 are never entered, so the element found has a positive value.
+fn descend(values: &[f32; CHUNK], target: f64) -> usize {
+    // The levels one after another: the values, then each level of sums up to the root.
+    let mut tree = [0.0f32; 2 * CHUNK];
+    tree[..CHUNK].copy_from_slice(values);
+    let (mut start, mut width) = (0, CHUNK / 2);
     while width > 0 {
+        let next = start + 2 * width;
         for i in 0..width {
-            acc[i] += acc[i + width];
+            tree[next + i] = tree[start + i] + tree[start + i + width];
         }
+        start = next;
         width /= 2;
     }
-    acc[0]
+
+    // Back down: `start` is the root's level; its children are `2 * width` entries before.
+    let mut target = target;
+    let mut node = 0;
+    let mut width = 1;
+    while start > 0 {
+        let children = start - 2 * width;
+        let (left, right) = (tree[children + node], tree[children + node + width]);
+        let go_left = right <= 0.0 || (left > 0.0 && target < f64::from(left));
+        if !go_left {
+            target -= f64::from(left);
+            node += width;
+        }
+        start = children;
+        width *= 2;
+    }
+    node
 }
 
-/// Floats summed in f32 lanes before their total is added to an f64.
-const SUM_BLOCK: usize = 1024;
-
 #[inline(always)]
-fn sum_exp_body(row: &[f32], max: f32, scale: f32) -> f64 {
+fn weight_sum_body<const FUSED: bool>(row: &[f32], max: f32, scale: f32, above_bits: u32) -> f64 {
+    let mut w = [0.0f32; CHUNK];
     let mut total = 0.0f64;
-    for part in row.chunks(SUM_BLOCK) {
-        let mut acc = [0.0f32; LANES];
-        let blocks = part.chunks_exact(LANES);
-        let tail = blocks.remainder();
-        for block in blocks {
-            for lane in 0..LANES {
-                acc[lane] += exp_non_positive((block[lane] - max) * scale);
-            }
-        }
-        let mut part_sum = sum_lanes(&acc);
-        for &x in tail {
-            part_sum += exp_non_positive((x - max) * scale);
-        }
-        total += f64::from(part_sum);
+    for chunk in row.chunks(CHUNK) {
+        chunk_weights::<FUSED>(chunk, max, scale, &mut w);
+        total += f64::from(tree_sum(&mask_weights(&w, above_bits)));
     }
     total
 }
 
 dispatch! {
-    /// Sums exp((x - max) * scale) over `row`; `max` must be the row's finite maximum.
-    pub fn sum_exp(row: &[f32], max: f32, scale: f32) -> f64 => sum_exp_body
+    /// Sums the weights exp((x - max) * scale) of `row` whose bit pattern is above
+    /// `above_bits` (0: every positive weight). `max` must be the row's finite maximum.
+    pub fn weight_sum(row: &[f32], max: f32, scale: f32, above_bits: u32) -> f64 => weight_sum_body
 }
 
 #[inline(always)]
-fn weights_body(row: &[f32], max: f32, scale: f32, out: &mut [f32]) -> f64 {
-    let mut total = 0.0f64;
-    for (part, out_part) in row.chunks(SUM_BLOCK).zip(out.chunks_mut(SUM_BLOCK)) {
-        let mut acc = [0.0f32; LANES];
-        let mut out_blocks = out_part.chunks_exact_mut(LANES);
-        let blocks = part.chunks_exact(LANES);
-        let tail = blocks.remainder();
-        for (block, out_block) in blocks.zip(out_blocks.by_ref()) {
-            for lane in 0..LANES {
-                let w = exp_non_positive((block[lane] - max) * scale);
-                out_block[lane] = w;
-                acc[lane] += w;
-            }
-        }
-        let mut part_sum = sum_lanes(&acc);
-        for (&x, w_out) in tail.iter().zip(out_blocks.into_remainder()) {
-            *w_out = exp_non_positive((x - max) * scale);
-            part_sum += *w_out;
-        }
-        total += f64::from(part_sum);
+fn weights_body<const FUSED: bool>(row: &[f32], max: f32, scale: f32, out: &mut Vec<f32>) {
+    let mut w = [0.0f32; CHUNK];
+    out.clear();
+    for chunk in row.chunks(CHUNK) {
+        chunk_weights::<FUSED>(chunk, max, scale, &mut w);
+        out.extend_from_slice(&w[..chunk.len()]);
     }
-    total
 }
 
 dispatch! {
-    /// Writes the unnormalized probabilities w = exp((x - max) * scale) of `row` to `out`
-    /// and returns their sum. `out` must be as long as `row`.
-    pub fn weights(row: &[f32], max: f32, scale: f32, out: &mut [f32]) -> f64 => weights_body
+    /// Writes the weights of `row` to `out`, bit for bit as the other passes compute them.
+    pub fn weights(row: &[f32], max: f32, scale: f32, out: &mut Vec<f32>) -> () => weights_body
 }
 
 /// Bit shift that turns a weight's bit pattern into its coarse histogram bucket: sign,
 /// exponent and the top 4 mantissa bits, so one bucket spans a factor 2^(1/16) of weight.
 pub const COARSE_SHIFT: u32 = 19;
 /// Number of coarse buckets: weights are in [0, 1], whose largest bucket is 1.0's.
-pub const COARSE_BUCKETS: usize = (1.0f32.to_bits() >> COARSE_SHIFT) as usize + 1;
+const COARSE_BUCKETS: usize = (1.0f32.to_bits() >> COARSE_SHIFT) as usize + 1;
+/// Length of the histogram's array: a power of two, so that masking a bucket elides the
+/// bounds check.
+const HISTOGRAM_SIZE: usize = COARSE_BUCKETS.next_power_of_two();
 
-/// Mass (sum of weights, in f64) and element count per coarse bucket of one row.
+/// Weight mass per coarse bucket of one row.
+///
+/// All weights of a bucket share their exponent, so the bucket keeps the exact integer sum
+/// of their 24-bit significands, and adding a weight is one integer addition.
 pub struct Histogram {
-    pub mass: Vec<f64>,
-    pub count: Vec<u32>,
+    significand_sums: Vec<u64>,
 }
 
 impl Histogram {
     pub fn new() -> Self {
-        Self { mass: vec![0.0; COARSE_BUCKETS], count: vec![0; COARSE_BUCKETS] }
+        Self { significand_sums: vec![0; HISTOGRAM_SIZE] }
     }
 
-    pub fn clear(&mut self) {
-        self.mass.fill(0.0);
-        self.count.fill(0);
-    }
-
-    #[inline(always)]
-    fn add(&mut self, w: f32) {
-        let bucket = (w.to_bits() >> COARSE_SHIFT) as usize;
-        if let (Some(mass), Some(count)) = (self.mass.get_mut(bucket), self.count.get_mut(bucket)) {
-            *mass += f64::from(w);
-            *count += 1;
-        }
+    /// Writes the sum of the weights in each bucket to `out`. Buckets of biased exponent 0
+    /// hold only zero weights (subnormal ones are flushed), so their mass is 0.
+    pub fn masses(&self, out: &mut Vec<f64>) {
+        out.clear();
+        out.extend(self.significand_sums.iter().enumerate().map(|(bucket, &sum)| {
+            let biased_exponent = (bucket as u64) >> (23 - COARSE_SHIFT);
+            if biased_exponent == 0 {
+                return 0.0;
+            }
+            // A significand s of a float with biased exponent e is worth s * 2^(e - 150).
+            let scale = f64::from_bits((biased_exponent + 1023 - 150) << 52);
+            sum as f64 * scale
+        }));
     }
 }
 
@@ -250,103 +225,199 @@ impl Default for Histogram {
 }
 
 #[inline(always)]
-fn weights_histogram_body(
+fn weights_histogram_body<const FUSED: bool>(
     row: &[f32],
     max: f32,
     scale: f32,
-    out: &mut [f32],
     histogram: &mut Histogram,
-) -> f64 {
-    let mut out_blocks = out.chunks_exact_mut(LANES);
-    let blocks = row.chunks_exact(LANES);
-    let tail = blocks.remainder();
-    for (block, out_block) in blocks.zip(out_blocks.by_ref()) {
-        for lane in 0..LANES {
-            out_block[lane] = exp_non_positive((block[lane] - max) * scale);
+) {
+    histogram.significand_sums.fill(0);
+    let sums = &mut histogram.significand_sums[..];
+    let mut w = [0.0f32; CHUNK];
+    for chunk in row.chunks(CHUNK) {
+        // The weights vectorize; the scatter below cannot, so it runs as a second loop.
+        chunk_weights::<FUSED>(chunk, max, scale, &mut w);
+        let mut keys = [0u32; CHUNK];
+        let mut significands = [0u32; CHUNK];
+        for i in 0..CHUNK {
+            let bits = w[i].to_bits();
+            keys[i] = (bits >> COARSE_SHIFT) & (HISTOGRAM_SIZE as u32 - 1);
+            significands[i] = (bits & 0x007F_FFFF) | 0x0080_0000;
         }
-        for &w in out_block.iter() {
-            histogram.add(w);
+        for i in 0..CHUNK {
+            // Zero weights past the row's end land in bucket 0, whose mass counts as 0.
+            sums[keys[i] as usize] += u64::from(significands[i]);
         }
     }
-    for (&x, w_out) in tail.iter().zip(out_blocks.into_remainder()) {
-        *w_out = exp_non_positive((x - max) * scale);
-        histogram.add(*w_out);
-    }
-    // Summed from the largest bucket down, the order in which the top-p cut accumulates.
-    histogram.mass.iter().rev().sum()
 }
 
 dispatch! {
-    /// Writes the weights of `row` to `out` like [`weights`], adds them to `histogram` (which
-    /// the caller has cleared) and returns their sum accumulated bucket by bucket.
-    pub fn weights_histogram(
-        row: &[f32],
-        max: f32,
-        scale: f32,
-        out: &mut [f32],
-        histogram: &mut Histogram
-    ) -> f64 => weights_histogram_body
+    /// Builds the coarse histogram of the weights of `row`, overwriting `histogram`.
+    pub fn weights_histogram(row: &[f32], max: f32, scale: f32, histogram: &mut Histogram) -> ()
+        => weights_histogram_body
 }
 
 #[inline(always)]
-fn masked_chunk_sums_body(weights: &[f32], above_bits: u32, sums: &mut Vec<f32>) -> f64 {
-    sums.clear();
-    let mut total = 0.0f64;
-    for chunk in weights.chunks(CHUNK) {
-        let mut acc = [0.0f32; LANES];
-        let blocks = chunk.chunks_exact(LANES);
-        let tail = blocks.remainder();
-        for block in blocks {
-            for lane in 0..LANES {
-                let w = block[lane];
-                acc[lane] += if w.to_bits() > above_bits { w } else { 0.0 };
+fn collect_bucket_body<const FUSED: bool>(
+    row: &[f32],
+    max: f32,
+    scale: f32,
+    bucket: u32,
+    items: &mut Vec<(u32, u32)>,
+) {
+    items.clear();
+    let mut w = [0.0f32; CHUNK];
+    for (chunk_index, chunk) in row.chunks(CHUNK).enumerate() {
+        chunk_weights::<FUSED>(chunk, max, scale, &mut w);
+        let in_bucket = |value: &f32| value.to_bits() >> COARSE_SHIFT == bucket;
+        if w.iter().fold(false, |hit, value| hit | in_bucket(value)) {
+            for (offset, value) in w.iter().enumerate().take(chunk.len()) {
+                if in_bucket(value) {
+                    items.push((value.to_bits(), (chunk_index * CHUNK + offset) as u32));
+                }
             }
         }
-        let mut sum = sum_lanes(&acc);
-        for &w in tail {
-            sum += if w.to_bits() > above_bits { w } else { 0.0 };
-        }
-        sums.push(sum);
-        total += f64::from(sum);
     }
-    total
 }
 
 dispatch! {
-    /// Sums, per chunk of [`CHUNK`] weights, those whose bit pattern is above `above_bits`
-    /// (for non-negative floats, bit order is numeric order). Writes the chunk sums to `sums`
-    /// and returns their total accumulated in chunk order.
-    pub fn masked_chunk_sums(weights: &[f32], above_bits: u32, sums: &mut Vec<f32>) -> f64
-        => masked_chunk_sums_body
+    /// Writes to `items` the (weight bits, id) of the tokens of `row` in coarse histogram
+    /// bucket `bucket`, in id order.
+    pub fn collect_bucket(
+        row: &[f32],
+        max: f32,
+        scale: f32,
+        bucket: u32,
+        items: &mut Vec<(u32, u32)>
+    ) -> () => collect_bucket_body
+}
+
+/// Result of [`draw_scan`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scan {
+    /// The token whose interval holds the target.
+    Token(u32),
+    /// The members' weights added up to no more than the target (a target of at least
+    /// their total). Holds the last member of positive weight, if any.
+    Short(Option<u32>),
+}
+
+#[inline(always)]
+fn draw_scan_body<const FUSED: bool>(
+    row: &[f32],
+    max: f32,
+    scale: f32,
+    above_bits: u32,
+    target: f64,
+) -> Scan {
+    let mut w = [0.0f32; CHUNK];
+    let mut mass = 0.0f64;
+    let mut last_positive_chunk = None;
+    for (chunk_index, chunk) in row.chunks(CHUNK).enumerate() {
+        chunk_weights::<FUSED>(chunk, max, scale, &mut w);
+        let masked = mask_weights(&w, above_bits);
+        let chunk_mass = f64::from(tree_sum(&masked));
+        if mass + chunk_mass > target {
+            return Scan::Token((chunk_index * CHUNK + descend(&masked, target - mass)) as u32);
+        }
+        mass += chunk_mass;
+        if chunk_mass > 0.0 {
+            last_positive_chunk = Some(chunk_index);
+        }
+    }
+    let last = last_positive_chunk.and_then(|chunk_index| {
+        let start = chunk_index * CHUNK;
+        chunk_weights::<FUSED>(&row[start..(start + CHUNK).min(row.len())], max, scale, &mut w);
+        let offset = w.iter().rposition(|value| value.to_bits() > above_bits)?;
+        Some((start + offset) as u32)
+    });
+    Scan::Short(last)
+}
+
+dispatch! {
+    /// Lays the weights of the tokens of `row` whose weight's bit pattern is above
+    /// `above_bits` end to end, chunk by chunk in id order, and finds the token whose interval
+    /// holds `target`. Sums match [`weight_sum`] bit for bit, so a target below its total
+    /// always finds one.
+    pub fn draw_scan(row: &[f32], max: f32, scale: f32, above_bits: u32, target: f64) -> Scan
+        => draw_scan_body
+}
+
+/// Where a token stands in the ranking by weight (descending, ties to the lower id).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rank {
+    /// The token's weight.
+    pub weight: f32,
+    /// Sum of the weights greater than the token's.
+    pub heavier_mass: f64,
+    /// Number of tokens of equal weight at lower ids.
+    pub ties_before: usize,
+}
+
+impl Rank {
+    /// Returns the weight of the tokens ranked before this one.
+    pub fn mass_before(&self) -> f64 {
+        self.heavier_mass + self.ties_before as f64 * f64::from(self.weight)
+    }
+}
+
+#[inline(always)]
+fn rank_of_body<const FUSED: bool>(row: &[f32], max: f32, scale: f32, token: usize) -> Rank {
+    let weight = row.get(token).map_or(0.0, |&x| exp_non_positive::<FUSED>((x - max) * scale));
+    let bits = weight.to_bits();
+    let mut w = [0.0f32; CHUNK];
+    let mut heavier_mass = 0.0f64;
+    let mut ties_before = 0;
+    for (chunk_index, chunk) in row.chunks(CHUNK).enumerate() {
+        chunk_weights::<FUSED>(chunk, max, scale, &mut w);
+        heavier_mass += f64::from(tree_sum(&mask_weights(&w, bits)));
+        let start = chunk_index * CHUNK;
+        if start < token {
+            let end = (token - start).min(chunk.len());
+            ties_before += w[..end].iter().filter(|value| value.to_bits() == bits).count();
+        }
+    }
+    Rank { weight, heavier_mass, ties_before }
+}
+
+dispatch! {
+    /// Ranks token `token` of `row` among all tokens by weight exp((x - max) * scale).
+    pub fn rank_of(row: &[f32], max: f32, scale: f32, token: usize) -> Rank => rank_of_body
+}
+
+#[inline(always)]
+fn nth_with_bits_body<const FUSED: bool>(
+    row: &[f32],
+    max: f32,
+    scale: f32,
+    bits: u32,
+    rank: usize,
+) -> Option<u32> {
+    let mut w = [0.0f32; CHUNK];
+    let mut seen = 0;
+    for (chunk_index, chunk) in row.chunks(CHUNK).enumerate() {
+        chunk_weights::<FUSED>(chunk, max, scale, &mut w);
+        for (offset, value) in w.iter().enumerate().take(chunk.len()) {
+            if value.to_bits() == bits {
+                if seen == rank {
+                    return Some((chunk_index * CHUNK + offset) as u32);
+                }
+                seen += 1;
+            }
+        }
+    }
+    None
+}
+
+dispatch! {
+    /// Returns the id of the `rank`-th token (from 0, in id order) whose weight has `bits`.
+    pub fn nth_with_bits(row: &[f32], max: f32, scale: f32, bits: u32, rank: usize) -> Option<u32>
+        => nth_with_bits_body
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ulp_distance(a: f32, b: f32) -> u32 {
-        a.to_bits().abs_diff(b.to_bits())
-    }
-
-    #[test]
-    fn exp_matches_std_within_two_ulp() {
-        let mut x = 0.0f32;
-        while x > EXP_MIN_INPUT {
-            let (fast, exact) = (exp_non_positive(x), x.exp());
-            assert!(ulp_distance(fast, exact) <= 2, "exp({x}) = {fast}, std gives {exact}");
-            x -= 0.000_37;
-        }
-    }
-
-    #[test]
-    fn exp_flushes_underflow_and_handles_edges() {
-        assert_eq!(exp_non_positive(0.0), 1.0);
-        assert_eq!(exp_non_positive(-0.0), 1.0);
-        assert_eq!(exp_non_positive(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp_non_positive(-87.4), 0.0);
-        assert_eq!(exp_non_positive(-1e30), 0.0);
-        assert!(exp_non_positive(EXP_MIN_INPUT) >= f32::MIN_POSITIVE * 0.99);
-    }
 
     #[test]
     fn scan_finds_max_and_nan_in_blocks_and_tail() {
@@ -373,27 +444,99 @@ mod tests {
         assert_eq!(first_index_of(&row, 4.0), None);
     }
 
+    fn test_row() -> Vec<f32> {
+        (0..3001).map(|i| ((i * 7919) % 1000) as f32 * -0.01).collect()
+    }
+
     #[test]
     fn sums_agree_with_naive_reference() {
-        let row: Vec<f32> = (0..3001).map(|i| ((i * 7919) % 1000) as f32 * -0.01).collect();
+        let row = test_row();
         let max = scan_row(&row).max;
-        let naive: f64 = row.iter().map(|&x| f64::from(((x - max) * 0.5).exp())).sum();
-        let mut out = vec![0.0; row.len()];
+        let mut w = Vec::new();
+        weights(&row, max, 0.5, &mut w);
+        assert_eq!(w.len(), row.len());
+        let naive: f64 = w.iter().map(|&x| f64::from(x)).sum();
+        let exact: f64 = row.iter().map(|&x| (f64::from(x - max) * 0.5).exp()).sum();
+        assert!((naive - exact).abs() < 1e-6 * exact, "{naive} vs {exact}");
+
         let mut histogram = Histogram::new();
-        for total in [
-            sum_exp(&row, max, 0.5),
-            weights(&row, max, 0.5, &mut out),
-            weights_histogram(&row, max, 0.5, &mut out, &mut histogram),
-        ] {
-            assert!((total - naive).abs() < 1e-5 * naive, "{total} vs {naive}");
+        weights_histogram(&row, max, 0.5, &mut histogram);
+        let mut masses = Vec::new();
+        histogram.masses(&mut masses);
+        // The histogram's integer sums are exact; the chunk sums are f32 trees of 64 values.
+        let histogram_total: f64 = masses.iter().sum();
+        assert!((histogram_total - naive).abs() < 1e-12 * naive, "{histogram_total} vs {naive}");
+        let total = weight_sum(&row, max, 0.5, 0);
+        assert!((total - naive).abs() < 1e-6 * naive, "{total} vs {naive}");
+        let above_half = weight_sum(&row, max, 0.5, 0.5f32.to_bits());
+        let naive_above: f64 = w.iter().filter(|&&x| x > 0.5).map(|&x| f64::from(x)).sum();
+        assert!((above_half - naive_above).abs() < 1e-6 * naive_above);
+    }
+
+    #[test]
+    fn draw_scan_gives_each_member_an_interval_of_its_weight() {
+        // Two full chunks and a partial one.
+        let row = &test_row()[..2 * CHUNK + 100];
+        let max = scan_row(row).max;
+        let mut w = Vec::new();
+        weights(row, max, 1.0, &mut w);
+        let above = 0.9f32.to_bits();
+        let total = weight_sum(row, max, 1.0, above);
+
+        // Evenly spaced targets hit each member a number of times proportional to its weight.
+        let targets = 20_000;
+        let mut hits = vec![0usize; row.len()];
+        for i in 0..targets {
+            let target = (i as f64 + 0.5) / targets as f64 * total;
+            match draw_scan(row, max, 1.0, above, target) {
+                Scan::Token(token) => hits[token as usize] += 1,
+                Scan::Short(_) => panic!("target {target} below the total {total} not found"),
+            }
         }
-        assert_eq!(histogram.count.iter().sum::<u32>() as usize, row.len());
-        let mut sums = Vec::new();
-        let all = masked_chunk_sums(&out, 0, &mut sums);
-        assert_eq!(sums.len(), row.len().div_ceil(CHUNK));
-        assert!((all - naive).abs() < 1e-5 * naive);
-        let above_half = masked_chunk_sums(&out, 0.5f32.to_bits(), &mut sums);
-        let naive_above: f64 = out.iter().filter(|&&w| w > 0.5).map(|&w| f64::from(w)).sum();
-        assert!((above_half - naive_above).abs() < 1e-5 * naive_above);
+        for (id, &count) in hits.iter().enumerate() {
+            let expected = if w[id].to_bits() > above { f64::from(w[id]) / total * targets as f64 } else { 0.0 };
+            assert!((count as f64 - expected).abs() <= 2.0, "token {id}: {count} hits, expected {expected}");
+        }
+        assert!(matches!(draw_scan(row, max, 1.0, above, total), Scan::Short(Some(_))));
+    }
+
+    #[test]
+    fn rank_of_counts_heavier_mass_and_ties_before() {
+        let mut row = test_row();
+        row[10] = row[500];
+        row[2000] = row[500];
+        let max = scan_row(&row).max;
+        let mut w = Vec::new();
+        weights(&row, max, 1.0, &mut w);
+        let rank = rank_of(&row, max, 1.0, 500);
+        let heavier: f64 = w.iter().filter(|&&x| x > w[500]).map(|&x| f64::from(x)).sum();
+        assert_eq!(rank.weight, w[500]);
+        assert!((rank.heavier_mass - heavier).abs() < 1e-6 * heavier);
+        let ties = w[..500].iter().filter(|&&x| x.to_bits() == w[500].to_bits()).count();
+        assert!(ties >= 1);
+        assert_eq!(rank.ties_before, ties);
+    }
+
+    #[test]
+    fn collect_bucket_and_nth_with_bits_agree_with_weights() {
+        let row = test_row();
+        let max = scan_row(&row).max;
+        let mut w = Vec::new();
+        weights(&row, max, 1.0, &mut w);
+        let bucket = w[100].to_bits() >> COARSE_SHIFT;
+        let mut items = Vec::new();
+        collect_bucket(&row, max, 1.0, bucket, &mut items);
+        let expected: Vec<(u32, u32)> = (0..row.len())
+            .filter(|&i| w[i].to_bits() >> COARSE_SHIFT == bucket)
+            .map(|i| (w[i].to_bits(), i as u32))
+            .collect();
+        assert_eq!(items, expected);
+
+        let bits = w[100].to_bits();
+        let same: Vec<u32> = (0..row.len() as u32).filter(|&i| w[i as usize].to_bits() == bits).collect();
+        for (rank, &id) in same.iter().enumerate() {
+            assert_eq!(nth_with_bits(&row, max, 1.0, bits, rank), Some(id));
+        }
+        assert_eq!(nth_with_bits(&row, max, 1.0, bits, same.len()), None);
     }
 }

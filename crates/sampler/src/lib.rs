@@ -41,10 +41,12 @@
 //! (sized by `RAYON_NUM_THREADS`, all cores by default) when the batch has more than one row.
 
 mod kernels;
+mod simd;
 mod params;
 pub mod rng;
 mod row;
 mod select;
+mod support;
 
 #[cfg(feature = "python")]
 mod python;

@@ -3,7 +3,8 @@
 
 use std::cmp::Ordering;
 
-use crate::kernels::{block_max, Histogram, COARSE_SHIFT, LANES};
+use crate::kernels::{collect_bucket, Histogram, COARSE_SHIFT, LANES};
+use crate::simd::dispatch;
 
 /// A token and its logit.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -17,8 +18,9 @@ pub fn by_rank(a: &Candidate, b: &Candidate) -> Ordering {
     b.logit.partial_cmp(&a.logit).unwrap_or(Ordering::Equal).then(a.id.cmp(&b.id))
 }
 
-/// Smallest candidate buffer: below this, compacting it would cost more than it saves.
-const MIN_BUFFER: usize = 1024;
+/// Smallest candidate buffer, so that a small k does not cut the buffer down at every
+/// admission.
+const MIN_BUFFER: usize = 64;
 
 /// Keeps the `k` best of `buffer` (by [`by_rank`]) and returns the worst kept logit.
 fn keep_best(buffer: &mut Vec<Candidate>, k: usize) -> f32 {
@@ -46,37 +48,88 @@ impl TopKBuffer<'_> {
         self.threshold.is_none_or(|threshold| x > threshold)
     }
 
+    /// Bit i is set when the buffer admits `block[i]`.
+    #[inline(always)]
+    fn admitted(&self, block: &[f32; BLOCK]) -> u64 {
+        let Some(threshold) = self.threshold else {
+            return u64::MAX;
+        };
+        let mut mask = 0u64;
+        for (i, &x) in block.iter().enumerate() {
+            mask |= u64::from(x > threshold) << i;
+        }
+        mask
+    }
+
+    #[inline(always)]
+    fn push(&mut self, x: f32, id: usize) {
+        self.items.push(Candidate { logit: x, id: id as u32 });
+        if self.items.len() >= self.capacity {
+            self.threshold = Some(keep_best(self.items, self.k));
+        }
+    }
+
     #[inline(always)]
     fn consider(&mut self, x: f32, id: usize) {
         if self.admits(x) {
-            self.items.push(Candidate { logit: x, id: id as u32 });
-            if self.items.len() >= self.capacity {
-                self.threshold = Some(keep_best(self.items, self.k));
+            self.push(x, id);
+        }
+    }
+
+    /// Considers a whole block, visiting only the logits above the threshold.
+    #[inline(always)]
+    fn consider_block(&mut self, block: &[f32; BLOCK], start: usize) {
+        let mut pending = self.admitted(block);
+        while pending != 0 {
+            let offset = pending.trailing_zeros() as usize;
+            pending &= pending - 1;
+            let before = self.threshold;
+            self.push(block[offset], start + offset);
+            if self.threshold != before {
+                // The cut raised the threshold: drop the logits it no longer admits.
+                pending &= self.admitted(block);
             }
         }
     }
 }
 
-/// Writes to `out` the `k` best tokens of `row` (higher logit first, ties to the lower id),
-/// sorted best first. `row` must not contain NaN and `k` must be at most `row.len()`.
-///
-/// One pass over the row; a block of [`LANES`] logits whose maximum the buffer would not
-/// admit is skipped with one comparison.
-pub fn top_k_by_logit(row: &[f32], k: usize, out: &mut Vec<Candidate>) {
+/// Logits whose maximum is checked at once before looking at them one by one.
+const BLOCK: usize = 64;
+
+/// Maximum of a block, as a tree of lane-wise maxima so that it vectorizes.
+#[inline(always)]
+fn block_max(block: &[f32; BLOCK]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    for group in 0..BLOCK / LANES {
+        for lane in 0..LANES {
+            let x = block[group * LANES + lane];
+            lanes[lane] = if x > lanes[lane] { x } else { lanes[lane] };
+        }
+    }
+    let mut width = LANES / 2;
+    while width > 0 {
+        for lane in 0..width {
+            let x = lanes[lane + width];
+            lanes[lane] = if x > lanes[lane] { x } else { lanes[lane] };
+        }
+        width /= 2;
+    }
+    lanes[0]
+}
+
+#[inline(always)]
+fn top_k_body<const FUSED: bool>(row: &[f32], k: usize, out: &mut Vec<Candidate>) {
     out.clear();
     if k == 0 {
         return;
     }
     let mut buffer = TopKBuffer { items: out, k, capacity: (2 * k).max(MIN_BUFFER), threshold: None };
 
-    let mut blocks = row.chunks_exact(LANES);
+    let mut blocks = row.chunks_exact(BLOCK);
     for (block_index, block) in blocks.by_ref().enumerate() {
-        let block: &[f32; LANES] = block.try_into().unwrap_or(&[f32::NEG_INFINITY; LANES]);
-        if !buffer.admits(block_max(block)) {
-            continue;
-        }
-        for (lane, &x) in block.iter().enumerate() {
-            buffer.consider(x, block_index * LANES + lane);
+        let Ok(block) = <&[f32; BLOCK]>::try_from(block) else { continue };
+        if buffer.admits(block_max(block)) {
+            buffer.consider_block(block, block_index * BLOCK);
         }
     }
     let tail_start = row.len() - blocks.remainder().len();
@@ -86,6 +139,15 @@ pub fn top_k_by_logit(row: &[f32], k: usize, out: &mut Vec<Candidate>) {
 
     keep_best(out, k);
     out.sort_unstable_by(by_rank);
+}
+
+dispatch! {
+    /// Writes to `out` the `k` best tokens of `row` (higher logit first, ties to the lower
+    /// id), sorted best first. `row` must not contain NaN and `k` must be at most `row.len()`.
+    ///
+    /// One pass over the row; a block of logits whose maximum the buffer would not admit is
+    /// skipped after one comparison.
+    pub fn top_k_by_logit(row: &[f32], k: usize, out: &mut Vec<Candidate>) -> () => top_k_body
 }
 
 /// The members of a row after top-p (and min-p): every token whose weight's bit pattern is
@@ -114,35 +176,41 @@ const FINE_LEVELS: [(u32, u32); 2] = [(8, COARSE_SHIFT - 8), (0, 8)];
 /// Below this many items the last step sorts them instead of building another histogram.
 const SORT_LIMIT: usize = 64;
 
-/// Finds the smallest set of top-ranked tokens (weight descending, ties to the lower id)
-/// whose weights sum to at least `target`, keeping at least one token.
-///
-/// `weights` are the row's weights in [0, 1] and `histogram` their coarse histogram, as
-/// written by `kernels::weights_histogram`. `target` must be at most the histogram's total.
-/// Weights are non-negative, so their bit patterns sort like their values: the cut is found
-/// bucket by bucket on those bits (a radix select), never sorting more than a few items.
-pub fn top_p_cut(
-    weights: &[f32],
-    histogram: &Histogram,
-    target: f64,
-    items: &mut Vec<(u32, u32)>,
-) -> Cut {
-    // 1. Coarse bucket where the running mass, from the heaviest bucket down, reaches target.
-    let (crossing, mut above) = find_crossing(&histogram.mass, &histogram.count, 0.0, target);
-    let crossing = crossing as u32;
+/// A top-p cut and the weight it keeps.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TopP {
+    pub cut: Cut,
+    /// Sum of the weights strictly above the cut's threshold (the ties not included).
+    pub strict_mass: f64,
+    /// Sum of all the row's weights.
+    pub total: f64,
+}
 
-    // 2. Collect that bucket's tokens in id order.
-    items.clear();
-    for (block_index, block) in weights.chunks(LANES).enumerate() {
-        let hit = block.iter().fold(false, |hit, w| hit | (w.to_bits() >> COARSE_SHIFT == crossing));
-        if hit {
-            for (lane, w) in block.iter().enumerate() {
-                if w.to_bits() >> COARSE_SHIFT == crossing {
-                    items.push((w.to_bits(), (block_index * LANES + lane) as u32));
-                }
-            }
-        }
-    }
+/// Finds the smallest set of top-ranked tokens (weight descending, ties to the lower id)
+/// whose weights sum to at least `top_p` times the total weight, keeping at least one token.
+///
+/// The weights are exp((x - max) * scale) over `row`, in [0, 1], and `histogram` is their
+/// coarse histogram from `kernels::weights_histogram`; `masses` and `items` are scratch
+/// buffers. Weights are non-negative, so their bit patterns sort like their values: the cut
+/// is found bucket by bucket on those bits (a radix select), never sorting more than a few
+/// items.
+pub fn top_p_cut(
+    row: &[f32],
+    max: f32,
+    scale: f32,
+    histogram: &Histogram,
+    top_p: f64,
+    masses: &mut Vec<f64>,
+    items: &mut Vec<(u32, u32)>,
+) -> TopP {
+    // 1. Coarse bucket where the running mass, from the heaviest bucket down, reaches target.
+    histogram.masses(masses);
+    let total: f64 = masses.iter().rev().sum();
+    let target = top_p * total;
+    let (crossing, mut above) = find_crossing(masses, 0.0, target);
+
+    // 2. That bucket's tokens, in id order.
+    collect_bucket(row, max, scale, crossing as u32, items);
 
     // 3. Narrow down by finer bit fields while there are many items.
     for (shift, width) in FINE_LEVELS {
@@ -155,30 +223,33 @@ pub fn top_p_cut(
     // 4. Sort the rest (heavier first; the stable sort keeps id order among equal weights)
     //    and take tokens until the mass reaches target.
     items.sort_by(|a, b| b.0.cmp(&a.0));
-    let mut last_bits = items.first().map_or(0, |item| item.0);
-    let mut taken_with_bits = 0;
+    let mut threshold_bits = items.first().map_or(0, |item| item.0);
+    let mut strict_mass = above;
+    let mut tie_quota = 0;
     for &(bits, _) in items.iter() {
-        if bits != last_bits {
-            last_bits = bits;
-            taken_with_bits = 0;
+        if bits != threshold_bits {
+            threshold_bits = bits;
+            strict_mass = above;
+            tie_quota = 0;
         }
         above += f64::from(f32::from_bits(bits));
-        taken_with_bits += 1;
+        tie_quota += 1;
         if above >= target {
             break;
         }
     }
-    Cut { threshold_bits: last_bits, tie_quota: taken_with_bits }
+    TopP { cut: Cut { threshold_bits, tie_quota }, strict_mass, total }
 }
 
-/// Returns the first non-empty bucket, from the highest down, at which `above` plus the
-/// running mass reaches `target`, and the mass above it plus `above`. If rounding leaves the
-/// target out of reach, returns the lowest non-empty bucket, so the caller keeps everything.
-fn find_crossing(mass: &[f64], count: &[u32], above: f64, target: f64) -> (usize, f64) {
+/// Returns the first bucket of positive mass, from the highest down, at which `above` plus
+/// the running mass reaches `target`, and the mass above it plus `above`. If rounding leaves
+/// the target out of reach, returns the lowest bucket of positive mass, so that the caller
+/// keeps everything.
+fn find_crossing(mass: &[f64], above: f64, target: f64) -> (usize, f64) {
     let mut above = above;
     let mut found = (0, above);
     for bucket in (0..mass.len()).rev() {
-        if count[bucket] == 0 {
+        if mass[bucket] <= 0.0 {
             continue;
         }
         found = (bucket, above);
@@ -195,13 +266,10 @@ fn find_crossing(mass: &[f64], count: &[u32], above: f64, target: f64) -> (usize
 fn narrow(items: &mut Vec<(u32, u32)>, shift: u32, width: u32, above: f64, target: f64) -> f64 {
     let mask = (1u32 << width) - 1;
     let mut mass = vec![0.0f64; 1 << width];
-    let mut count = vec![0u32; 1 << width];
     for &(bits, _) in items.iter() {
-        let bucket = ((bits >> shift) & mask) as usize;
-        mass[bucket] += f64::from(f32::from_bits(bits));
-        count[bucket] += 1;
+        mass[((bits >> shift) & mask) as usize] += f64::from(f32::from_bits(bits));
     }
-    let (crossing, above) = find_crossing(&mass, &count, above, target);
+    let (crossing, above) = find_crossing(&mass, above, target);
     items.retain(|&(bits, _)| ((bits >> shift) & mask) as usize == crossing);
     above
 }
@@ -245,12 +313,11 @@ mod tests {
     }
 
     fn cut_of(row: &[f32], p: f64) -> (Cut, f64) {
-        let mut weights = vec![0.0; row.len()];
         let mut histogram = Histogram::new();
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        let total = weights_histogram(row, max, 1.0, &mut weights, &mut histogram);
-        let mut items = Vec::new();
-        (top_p_cut(&weights, &histogram, p * total, &mut items), total)
+        weights_histogram(row, max, 1.0, &mut histogram);
+        let top_p = top_p_cut(row, max, 1.0, &histogram, p, &mut Vec::new(), &mut Vec::new());
+        (top_p.cut, top_p.total)
     }
 
     #[test]
