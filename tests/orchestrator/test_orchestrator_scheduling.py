@@ -76,6 +76,20 @@ async def test_full_queue_rejects_at_once(start_orchestrator, fake_forward: Fake
     assert finished.index("blocker2") >= 5
 
 
+async def test_burst_into_free_slots_accepted(start_orchestrator, fake_forward: FakeForward):
+    fake_forward.step_delay_s = 0.02
+    orchestrator = await start_orchestrator(max_batch_size=4, max_waiting=1)
+
+    async with connect(orchestrator) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        replies = await asyncio.gather(*(
+            stub.Generate(generation_pb2.GenerateRequest(**request_for(token_prompt(100 * i), 3)))
+            for i in range(1, 6)
+        ))
+
+    assert [len(reply.token_ids) for reply in replies] == [3] * 5
+
+
 async def test_cancel_frees_slot_within_two_steps(start_orchestrator, fake_forward: FakeForward):
     fake_forward.step_delay_s = 0.01
     orchestrator = await start_orchestrator(max_batch_size=1)

@@ -41,7 +41,7 @@ class OrchestratorConfig:
     metrics_port: int = 0
     # Running sequences at most.
     max_batch_size: int = 32
-    # Requests queued for admission at most; past it, RESOURCE_EXHAUSTED.
+    # Requests queued at most beyond those the next step admits; past it, RESOURCE_EXHAUSTED.
     max_waiting: int = 256
     # Prompt tokens prefilled in one step at most.
     max_prefill_tokens: int = 2048

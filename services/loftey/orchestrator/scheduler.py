@@ -61,7 +61,8 @@ class SchedulerLimits:
 
     # Running sequences at most (--max-batch-size).
     max_batch_size: int
-    # Requests queued for admission at most (--max-waiting); past it, RESOURCE_EXHAUSTED.
+    # Requests waiting for a batch slot at most (--max-waiting), not counting those the next
+    # step admits into free slots; past it, RESOURCE_EXHAUSTED.
     max_waiting: int
     # Prompt tokens prefilled in one step at most (--max-prefill-tokens). A longer prompt
     # still goes in, alone among the step's new sequences, so that it cannot starve.
@@ -146,11 +147,14 @@ class Scheduler:
         """
         if not self._accepting:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "server is shutting down and accepts no new requests")
-        if len(self._waiting) >= self._limits.max_waiting:
+        # Requests that the next step admits into free batch slots do not count as waiting,
+        # so a burst that fits the batch is never rejected.
+        free_slots = max(self._capacity() - len(self._running), 0)
+        if len(self._waiting) >= self._limits.max_waiting + free_slots:
             raise ServiceError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"waiting queue is full ({len(self._waiting)} of max_waiting {self._limits.max_waiting} "
-                "requests); retry later",
+                f"waiting queue is full ({len(self._waiting) - free_slots} requests wait for "
+                f"max_waiting {self._limits.max_waiting}); retry later",
             )
         stop_ids = request.stopping.stop_token_ids
         if not request.stopping.ignore_eos:
@@ -292,7 +296,7 @@ class Scheduler:
 
     def _admit(self) -> list[ActiveRequest]:
         """Move waiting requests into the batch, first come first served."""
-        capacity = min(self._limits.max_batch_size, self._limits.kv_slots) - len(self._running)
+        capacity = self._capacity() - len(self._running)
         budget = self._limits.max_prefill_tokens
         new: list[ActiveRequest] = []
         now = time.monotonic()
@@ -308,6 +312,10 @@ class Scheduler:
             self._metrics.request_queue_time.observe(now - active.arrived_at)
             self._metrics.prompt_tokens.inc(prompt_len)
         return new
+
+    def _capacity(self) -> int:
+        """Return the number of sequences the batch may hold."""
+        return min(self._limits.max_batch_size, self._limits.kv_slots)
 
     async def _step(self, new: list[ActiveRequest], output: _StepOutput) -> None:
         new_ids = {active.sequence_id for active in new}

@@ -70,7 +70,11 @@ def serve_orchestrator(
         int, typer.Option(min=1, help="Maximum sequences in the running batch.")
     ] = _DEFAULTS.max_batch_size,
     max_waiting: Annotated[
-        int, typer.Option(min=1, help="Maximum queued requests; past it new ones get RESOURCE_EXHAUSTED.")
+        int, typer.Option(
+            min=1,
+            help="Maximum requests waiting for a batch slot (beyond those the next step admits); "
+            "past it new ones get RESOURCE_EXHAUSTED.",
+        )
     ] = _DEFAULTS.max_waiting,
     max_prefill_tokens: Annotated[
         int, typer.Option(min=1, help="Maximum prompt tokens prefilled in one step.")
