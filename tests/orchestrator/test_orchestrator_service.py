@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from orchestrator_fakes import FakeForward
 
 from loftey.tokenizer.core import TokenizerCore
@@ -257,3 +258,15 @@ async def test_model_info_and_count_tokens(stub, fake_forward: FakeForward, toke
     count = await stub.CountTokens(generation_pb2.CountTokensRequest(prompt=chat("Hello")))
     assert count.token_count == len(chat_ids(tokenizer_core, "Hello"))
     assert count.max_seq_len == fake_forward.max_seq_len
+
+
+async def test_reflection_lists_services(orchestrator):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{orchestrator.port}") as channel:
+        call = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo()
+        await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        reply = await call.read()
+        await call.done_writing()
+
+    names = {service.name for service in reply.list_services_response.service}
+    assert "loftey.v1.Generation" in names
+    assert "grpc.health.v1.Health" in names
