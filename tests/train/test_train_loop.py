@@ -92,6 +92,7 @@ def run_training(tmp_path, files, tokenizer_dir, name, seed, bucket_vocab=True):
     return train(config, [files["chats"]], tmp_path / name, tokenizer_dir, settings, [files["heldout"]], progress=False)
 
 
+@pytest.mark.slow
 def test_training_repeats_for_a_seed(tmp_path, files, tokenizer_dir):
     first = run_training(tmp_path, files, tokenizer_dir, "first", seed=5)
     second = run_training(tmp_path, files, tokenizer_dir, "second", seed=5)
@@ -105,6 +106,7 @@ def test_training_repeats_for_a_seed(tmp_path, files, tokenizer_dir):
     assert not torch.equal(weights["lm_head.weight"], different["lm_head.weight"])
 
 
+@pytest.mark.slow
 def test_full_vocab_run_matches_bucket_run_at_start(tmp_path, files, tokenizer_dir):
     full = run_training(tmp_path, files, tokenizer_dir, "full", seed=5, bucket_vocab=False)
     bucket = run_training(tmp_path, files, tokenizer_dir, "bucket", seed=5)

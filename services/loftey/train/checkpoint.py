@@ -5,9 +5,9 @@ with config.json (the published keys plus model_type), model.safetensors,
 generation_config.json and the tokenizer files.
 
 Compact form (one safetensors file): the weights of a bucket-vocabulary model, whose
-embedding and lm_head hold one row per used id plus the bucket row (see
-`loftey.train.vocab`), the sorted used ids as the int64 tensor `vocab.used_ids`, and the
-full model's config.json in the metadata. Expanding it gives the published layout, in
+embedding and lm_head have one row per used id plus the bucket row (see
+`loftey.train.vocab`). The file also stores the sorted used ids as the int64 tensor
+`vocab.used_ids`, and the full model's config.json in its metadata. Expanding it gives the published layout, in
 which every unused id's embedding row and lm_head row is the bucket row. For Qwen's
 vocabulary the full file is almost all copies of those two rows, so the compact file is
 about an eighth of its size.
@@ -51,14 +51,14 @@ PAD_TOKEN = "<|endoftext|>"
 
 
 def published_config_values(config: LofteyConfig) -> dict:
-    """The published config.json keys of `config`, in the published order, plus model_type."""
+    """Return the published config.json keys of `config`, in the published order, plus model_type."""
     values = {key: getattr(config, key) for key in PUBLISHED_CONFIG_KEYS}
     values["model_type"] = LofteyConfig.model_type
     return values
 
 
 def compact_config(config: LofteyConfig, vocab: BucketVocab) -> LofteyConfig:
-    """The config of the compact model: `config` with vocab_size = used ids + the bucket."""
+    """Return the compact model's config: `config` with vocab_size = used ids + the bucket."""
     if config.vocab_size != vocab.full_size:
         raise ValueError(f"config vocab_size {config.vocab_size} differs from the vocabulary's {vocab.full_size}")
     values = published_config_values(config)
@@ -160,7 +160,7 @@ def load_compact(path: str | os.PathLike) -> CompactCheckpoint:
 
 
 def stop_token_ids(tokenizer) -> list[int]:
-    """Ids of STOP_TOKENS that `tokenizer` (a tokenizers.Tokenizer) knows, in that order."""
+    """Return the ids of those STOP_TOKENS that `tokenizer` (a tokenizers.Tokenizer) has, in that order."""
     ids = [tokenizer.token_to_id(token) for token in STOP_TOKENS]
     return [token_id for token_id in ids if token_id is not None]
 
@@ -191,7 +191,7 @@ def write_published(
 ) -> Path:
     """Write a checkpoint folder in the published layout; returns the folder.
 
-    `state` holds full-vocabulary weights named as in the published layout.
+    `state` maps names of the published layout to full-vocabulary weights.
     """
     from tokenizers import Tokenizer
 

@@ -86,6 +86,10 @@ def train_command(
         float, typer.Option(min=0.0, max=1.0, help="Learning rate at the last step, as a fraction of --lr.")
     ] = 0.1,
     weight_decay: Annotated[float, typer.Option(min=0.0, help="AdamW weight decay.")] = 0.0,
+    dropout: Annotated[
+        float,
+        typer.Option(min=0.0, max=0.99, help="Dropout on embeddings and attention and FFN outputs while training."),
+    ] = 0.0,
     grad_clip: Annotated[float, typer.Option(min=0.0, help="Maximum global gradient norm; 0 turns clipping off.")] = 1.0,
     eval_every: Annotated[int, typer.Option(min=0, help="Steps between held-out measurements; 0: only at the end.")] = 50,
     threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 2,
@@ -109,6 +113,7 @@ def train_command(
         warmup_steps=warmup_steps,
         min_lr_ratio=min_lr_ratio,
         weight_decay=weight_decay,
+        dropout=dropout,
         grad_clip=grad_clip,
         eval_every=eval_every,
         threads=threads,

@@ -12,10 +12,10 @@ Steps:
    case folding and removing whitespace and punctuation). English coding.yml and
    tech_support.yml are more than half of the corpus's text and mostly copies.
 2. Split the chatterbot dialogues into train and held-out so that no held-out dialogue
-   shares a user turn or a reply with a training dialogue: dialogues that share any turn
-   form one group, and a group goes to one side whole, picked by a hash of its text. The
-   demo dialogues all go to training, with every group they share a turn with, because
-   they teach what the demo shows.
+   shares a user turn or a reply with a training dialogue. Dialogues that share any turn
+   form one group, and a hash of its text sends the whole group to one side. The demo
+   dialogues all go to training, with every group they share a turn with, because they
+   teach what the demo shows.
 3. Write chat JSONL files, one per source and split, for `loftey train --data`.
 
 Run: python -m loftey.train.corpus --demo models/loftey-tiny/data/demo_dialogues.json \\
@@ -51,7 +51,7 @@ class Dialogue:
     """Alternating turns, user first, ending with an assistant reply."""
 
     turns: tuple[str, ...]
-    # Where the dialogue came from, as "source/language/category".
+    # Source of the dialogue, as "source/language/category".
     origin: str
 
     def messages(self) -> list[dict]:

@@ -13,11 +13,11 @@ from loftey.train.data import Document
 # Krichevsky-Trofimov estimator (add one half).
 UNIGRAM_PSEUDO_COUNT = 0.5
 # Weight of the newest step in the smoothed training-loss curve.
-PLOT_SMOOTHING = 0.05
+PLOT_SMOOTHING = 0.1
 
 
 def target_ids(documents: Sequence[Document]) -> list[int]:
-    """The ids that count in the loss, in order: every target but a document's first token."""
+    """List the ids that count in the loss, in order: every target except a document's first token."""
     return [
         token_id
         for document in documents
@@ -33,8 +33,8 @@ def unigram_cross_entropy(
 
     The model gives each id of `vocabulary` probability (count in `train` + pseudo_count)
     / (len(train) + pseudo_count * len(vocabulary)). Every held-out id must be in
-    `vocabulary`; the model trained with a bucket vocabulary covers the same ids and also
-    keeps some probability on the ids outside it, which only raises its own loss.
+    `vocabulary`. A model trained with a bucket vocabulary covers the same ids, and the
+    probability it keeps on ids outside them only raises its own loss.
     """
     counts = Counter(train)
     vocabulary = set(vocabulary)

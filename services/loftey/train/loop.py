@@ -75,6 +75,9 @@ class TrainSettings:
     # Learning rate at the last step, as a fraction of `lr`.
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
+    # Dropout probability on the embeddings and on each attention and FFN output before it
+    # joins the residual stream, in training only; 0 turns it off.
+    dropout: float = 0.0
     # Gradients are rescaled to at most this global L2 norm; 0 turns clipping off.
     grad_clip: float = 1.0
     # Steps between held-out measurements; 0 means only at the end.
@@ -95,6 +98,8 @@ class TrainSettings:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.aux_loss_coef < 0:
             raise ValueError(f"aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.save_dtype not in SAVE_DTYPES:
@@ -179,6 +184,22 @@ class RouterStatistics:
             handle.remove()
 
 
+def add_dropout(model: LofteyForCausalLM, probability: float) -> None:
+    """Apply dropout to the embeddings and to every attention and FFN output, in training mode only.
+
+    Forward hooks add it without changing the model's modules, so checkpoints keep the
+    published layout (residual dropout as in GPT-2).
+    """
+
+    def drop(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        return nn.functional.dropout(output, probability, training=module.training)
+
+    model.model.embed_tokens.register_forward_hook(drop)
+    for layer in model.model.layers:
+        layer.self_attn.register_forward_hook(drop)
+        layer.mlp.register_forward_hook(drop)
+
+
 class Trainer:
     """Model, vocabulary and optimizer of one run; `step` trains on one batch."""
 
@@ -194,6 +215,8 @@ class Trainer:
             self.model.parameters(), lr=settings.lr, betas=(0.9, 0.95), weight_decay=settings.weight_decay
         )
         self.router = RouterStatistics(self.model) if settings.aux_loss_coef > 0 and config.use_moe else None
+        if settings.dropout > 0:
+            add_dropout(self.model, settings.dropout)
 
     def _model_ids(self, full_ids: torch.Tensor) -> torch.Tensor:
         return self.vocab.to_compact(full_ids) if self.vocab is not None else full_ids

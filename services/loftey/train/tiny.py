@@ -1,6 +1,6 @@
 """The embedded default model, loftey-tiny: a compact file in the repository, expanded on first use.
 
-models/loftey-tiny/loftey-tiny.safetensors holds the compact checkpoint (see
+models/loftey-tiny/loftey-tiny.safetensors contains the compact checkpoint (see
 `loftey.train.checkpoint`). `tiny_model_dir()` expands it once into a standard
 published-layout folder under the cache and returns that folder, which loads like any
 other checkpoint.
@@ -28,17 +28,17 @@ CACHE_KEY_DIGITS = 16
 
 
 def repository_root() -> Path:
-    """The checkout that holds services/loftey; models/ lies beside services/."""
+    """Return the source checkout that contains services/loftey; models/ lies beside services/."""
     return Path(__file__).resolve().parents[3]
 
 
 def tiny_compact_path() -> Path:
-    """Path of the committed compact loftey-tiny file."""
+    """Return the path of the committed compact loftey-tiny file."""
     return repository_root() / "models" / TINY_NAME / COMPACT_FILE_NAME
 
 
 def cache_root() -> Path:
-    """$LOFTEY_CACHE_DIR, or ~/.cache/loftey when it is unset."""
+    """Return $LOFTEY_CACHE_DIR, or ~/.cache/loftey when it is unset."""
     configured = os.environ.get(CACHE_DIR_ENV)
     return Path(configured) if configured else Path.home() / ".cache" / "loftey"
 
@@ -98,7 +98,7 @@ def tiny_model_dir(compact_path: str | os.PathLike | None = None, cache_dir: str
 
 
 def greedy_reply(model, tokenizer, user_text: str, max_new_tokens: int = 64) -> str:
-    """Greedy reply of a causal LM to one ChatML user turn, decoded without special tokens.
+    """Generate the greedy reply to one ChatML user turn, decoded without special tokens.
 
     Args:
         model: a LofteyForCausalLM (any model with transformers' generate).
