@@ -104,6 +104,7 @@ async def test_metrics_count_requests(start_orchestrator):
     assert metric_value(text, "loftey:generation_tokens_total") == 8
     assert metric_value(text, "loftey:prompt_tokens_total") == 8
     assert metric_value(text, 'loftey:request_success_total{finished_reason="length"}') == 2
+    assert metric_value(text, 'loftey:request_failure_total{code="INVALID_ARGUMENT"}') == 1
     assert metric_value(text, "loftey:time_to_first_token_seconds_count") == 2
     assert metric_value(text, "loftey:inter_token_latency_seconds_count") == 6
     assert metric_value(text, "loftey:e2e_request_latency_seconds_count") == 2

@@ -167,6 +167,10 @@ async def test_deadline_while_queued(start_orchestrator, fake_forward: FakeForwa
     # The orchestrator dropped it from the queue: it never reached the forward service.
     assert not fake_forward.prefilled(queued_prompt)
     await poll_until(lambda: orchestrator.runtime.scheduler.num_waiting == 0, "the queue to empty")
+    failures = orchestrator.metrics.registry.get_sample_value(
+        "loftey:request_failure_total", {"code": "DEADLINE_EXCEEDED"}
+    )
+    assert failures == 1
 
 
 async def test_cancelled_and_timed_out_streams(start_orchestrator, fake_forward: FakeForward):
@@ -204,6 +208,15 @@ async def test_cancelled_and_timed_out_streams(start_orchestrator, fake_forward:
             time_out(token_prompt(40)),
         )
         assert codes == [grpc.StatusCode.CANCELLED] * 2 + [grpc.StatusCode.DEADLINE_EXCEEDED] * 2
+        registry = orchestrator.metrics.registry
+        await poll_until(
+            lambda: registry.get_sample_value("loftey:request_failure_total", {"code": "CANCELLED"}) == 2,
+            "two cancellations to be counted",
+        )
+        await poll_until(
+            lambda: registry.get_sample_value("loftey:request_failure_total", {"code": "DEADLINE_EXCEEDED"}) == 2,
+            "two timeouts to be counted",
+        )
 
         reply = await stub.Generate(generation_pb2.GenerateRequest(**request_for(token_prompt(50), 4)))
         assert len(reply.token_ids) == 4

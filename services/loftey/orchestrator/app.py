@@ -99,7 +99,7 @@ class Orchestrator:
 
     async def start(self) -> None:
         """Bind the gRPC and metrics servers and start watching the backends."""
-        servicer = GenerationServicer(self._require_runtime)
+        servicer = GenerationServicer(self._require_runtime, self.metrics)
         self._server = await start_server(
             f"{self.config.host}:{self.config.port}",
             lambda server: generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server),

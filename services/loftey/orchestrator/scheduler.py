@@ -501,7 +501,6 @@ class Scheduler:
             return
         active.events.put_nowait(failure)
         self._close(active, time.monotonic())
-        self._metrics.request_failure.labels(failure.code.name).inc()
         self._wakeup.set()
         if failure.code != grpc.StatusCode.CANCELLED:
             logger.info("request %s failed: %s: %s", active.request_id, failure.code.name, failure.message)

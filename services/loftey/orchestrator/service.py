@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import grpc
 
 from loftey.orchestrator.active_request import LENGTH, ActiveRequest, OutputChunk, RequestFailed
 from loftey.orchestrator.backends import Backends
+from loftey.orchestrator.metrics import Metrics
 from loftey.orchestrator.scheduler import Scheduler
 from loftey.orchestrator.validation import (
     GenerateLike,
@@ -57,12 +60,23 @@ class _Timestamps:
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     """Validate requests, hand them to the scheduler, and turn its events into responses."""
 
-    def __init__(self, runtime: Callable[[], Runtime]) -> None:
+    def __init__(self, runtime: Callable[[], Runtime], metrics: Metrics) -> None:
         # Returns the runtime, or raises UNAVAILABLE while the backends are not ready.
         self._runtime = runtime
+        self._metrics = metrics
 
     @handle_errors
     async def Generate(self, request, context):
+        with _count_failures(self._metrics, context):
+            return await self._generate_unary(request, context)
+
+    @handle_errors
+    async def GenerateStream(self, request, context):
+        with _count_failures(self._metrics, context):
+            async for response in self._generate_stream(request, context):
+                yield response
+
+    async def _generate_unary(self, request, context) -> generation_pb2.GenerateResponse:
         arrived_at = time.monotonic()
         runtime = self._runtime()
         valid = await _prepare(runtime, request)
@@ -81,8 +95,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         response.usage.completion_tokens = len(response.token_ids)
         return response
 
-    @handle_errors
-    async def GenerateStream(self, request, context):
+    async def _generate_stream(self, request, context) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
         arrived_at = time.monotonic()
         runtime = self._runtime()
         valid = await _prepare(runtime, request)
@@ -116,6 +129,23 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         return generation_pb2.CountTokensResponse(
             token_count=len(prompt_ids), max_seq_len=runtime.limits.max_seq_len
         )
+
+
+@contextmanager
+def _count_failures(metrics: Metrics, context: grpc.aio.ServicerContext) -> Iterator[None]:
+    """Count a generation call that ends with an error status, by status code."""
+    try:
+        yield
+    except ServiceError as error:
+        metrics.request_failure.labels(error.code.name).inc()
+        raise
+    except asyncio.CancelledError:
+        # The call ended under the handler: the client cancelled, left, or ran out of time.
+        remaining = context.time_remaining()
+        code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else (
+            grpc.StatusCode.CANCELLED)
+        metrics.request_failure.labels(code.name).inc()
+        raise
 
 
 async def _prepare(runtime: Runtime, request: GenerateLike) -> ValidRequest:
