@@ -41,8 +41,9 @@ class RequestFailed:
 class ActiveRequest:
     """A submitted request: its events queue, timings and per-stage state.
 
-    The handler reads ``events``; the scheduler task and the streamer task are
-    the only writers of their own fields (see the comments), so no lock is needed.
+    The handler reads ``events``. Each field below is written by one task only
+    (the scheduler's step task or its streamer, as the comments say), so no lock
+    is needed.
     Instances compare by identity, so they can sit in sets and deques.
     """
 

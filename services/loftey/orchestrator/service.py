@@ -162,7 +162,7 @@ async def _generate(
     """Yield the request's chunks; the last comes with its timestamps.
 
     Raises ServiceError when the request fails. When the handler stops early
-    (client cancel or disconnect), it asks the scheduler to drop the request.
+    (client cancel or disconnect), the scheduler drops the request.
     """
     if valid.stopping.max_new_tokens == 0:
         now = time.monotonic()

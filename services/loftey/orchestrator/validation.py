@@ -44,7 +44,7 @@ class Limits:
     max_seq_len: int
     # Upper bound of stopping.max_new_tokens (the server's --max-new-tokens-limit).
     max_new_tokens_limit: int
-    # Longest raw text prompt the tokenizer service accepts, in characters; 0 means no limit.
+    # Maximum characters of a raw text prompt, as the tokenizer service accepts; 0 means no limit.
     max_text_chars: int = 0
 
 
