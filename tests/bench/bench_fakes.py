@@ -52,12 +52,24 @@ class TimedGeneration(generation_pb2_grpc.GenerationServicer):
         self.fail_every = fail_every
         self.fail_code = fail_code
         self.logs: dict[str, StreamLog] = {}
-        self.prompts: dict[str, generation_pb2.Prompt] = {}
+        self.requests: dict[str, generation_pb2.GenerateStreamRequest] = {}
+        # Streams open now, and the most that were ever open at once.
+        self.active = 0
+        self.max_active = 0
 
     async def GenerateStream(self, request, context):
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            async for response in self._stream(request, context):
+                yield response
+        finally:
+            self.active -= 1
+
+    async def _stream(self, request, context):
         arrived = time.perf_counter()
         self.logs[request.request_id] = log = StreamLog(arrived_at=arrived)
-        self.prompts[request.request_id] = request.prompt
+        self.requests[request.request_id] = request
         index = int(request.request_id.rsplit("-", 1)[-1]) if request.request_id.startswith("bench-") else -1
         if self.fail_every and index % self.fail_every == 0:
             await context.abort(self.fail_code, f"request {request.request_id} rejected by the fake server")

@@ -67,8 +67,8 @@ def prompt_token_ids(requests: list[BenchRequest], model_dir: Path) -> list[list
             prompts.append(list(request.token_ids))
             continue
         messages = [{"role": role, "content": content} for role, content in request.messages]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        prompts.append(list(ids["input_ids"] if isinstance(ids, dict) else ids))
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompts.append(tokenizer(text, add_special_tokens=False).input_ids)
     return prompts
 
 

@@ -72,7 +72,8 @@ def py_spy_path() -> str | None:
 def _frame_matches(frame: str, function: str, file_suffix: str, line: int | None) -> bool:
     name, _, location = frame.partition(" (")
     path, _, frame_line = location.rstrip(")").partition(":")
-    if name != function or not path.endswith(file_suffix):
+    # py-spy 0.4 qualifies methods with their class ("DenseModel.forward"); older versions do not.
+    if name.rpartition(".")[2] != function or not path.endswith(file_suffix):
         return False
     return line is None or frame_line == str(line)
 

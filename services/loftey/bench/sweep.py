@@ -34,6 +34,9 @@ METRICS_LOG_LINE = re.compile(r"metrics at (http://\S+/metrics)")
 # KV slots and max batch size of a point's stack: at least the services' default, and
 # never fewer than the point's concurrency, so no request waits for a slot.
 MIN_BATCH_SLOTS = 32
+# Pause between stopping the last stack and timing the baseline, so the services' processes
+# (Ray's included) have exited and left the cores to it.
+BASELINE_SETTLE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,7 @@ def run_sweep(
         write_results(out_dir / results_name, results)
 
     if baseline:
+        time.sleep(BASELINE_SETTLE_S)
         for model, dtype, concurrency in sorted({(p.model, p.dtype, p.concurrency) for p in points}):
             if model not in infos:
                 continue

@@ -1,0 +1,107 @@
+"""`loftey bench` from the command line: against a fake server, and a sweep point on a real stack."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+
+import pytest
+from bench_fakes import TimedGeneration, start_timed_server
+from typer.testing import CliRunner
+
+from loftey.bench.runner import LoadSettings
+from loftey.bench.sweep import SweepPoint, run_point
+from loftey.bench.workload import LengthDistribution, WorkloadSpec
+from loftey.cli import app
+
+SERVER_START_TIMEOUT_S = 30.0
+
+
+@pytest.fixture(scope="module")
+def fake_address() -> Iterator[str]:
+    """A TimedGeneration server on its own loop in a thread, since the command runs asyncio.run itself."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="bench-cli-fake", daemon=True)
+    thread.start()
+    server = asyncio.run_coroutine_threadsafe(
+        start_timed_server(TimedGeneration(0.02, 0.005)), loop
+    ).result(SERVER_START_TIMEOUT_S)
+    yield f"127.0.0.1:{server.port}"
+    asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(SERVER_START_TIMEOUT_S)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join()
+
+
+def test_bench_serve_writes_results(fake_address, tmp_path):
+    result = CliRunner().invoke(app, [
+        "bench", "serve", "--server", fake_address, "--num-prompts", "6", "--output-len", "4",
+        "--prompt-len", "uniform:2,5", "--concurrency", "3", "--warmup", "1", "--no-progress",
+        "--output-dir", str(tmp_path),
+    ])
+    assert result.exit_code == 0, result.output
+
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert len(runs) == 1
+    assert runs[0]["summary"]["completed"] == 6
+    assert runs[0]["summary"]["output_tokens"] == 24
+    assert runs[0]["model_info"]["model_id"] == "fake"
+    assert len(runs[0]["records"]) == 6
+    assert "| 6/6 |" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "latency.png").stat().st_size > 0
+
+
+def test_bench_serve_request_rate(fake_address, tmp_path):
+    result = CliRunner().invoke(app, [
+        "bench", "serve", "--server", fake_address, "--num-prompts", "5", "--output-len", "2",
+        "--request-rate", "50", "--burstiness", "0.5", "--warmup", "0", "--no-progress",
+        "--output-dir", str(tmp_path),
+    ])
+    assert result.exit_code == 0, result.output
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert runs[0]["load"] == "concurrency 8, 50 req/s (gamma, burstiness 0.5)"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--output-len", "uniform:9"], "--output-len"),
+        (["--burstiness", "0"], "burstiness"),
+    ],
+)
+def test_bench_serve_rejects_invalid_options(fake_address, tmp_path, arguments, message):
+    result = CliRunner().invoke(app, ["bench", "serve", "--server", fake_address, "--output-dir", str(tmp_path),
+                                      *arguments])
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_bench_sweep_rejects_bad_list(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "sweep", "--concurrency", "1,x", "--output-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "--concurrency" in result.output
+
+
+@pytest.mark.slow
+def test_sweep_point_counts_expert_load(tiny_checkpoint, tmp_path):
+    """A real stack: every token-expert assignment of the measured requests shows up in the expert load."""
+    num_prompts, prompt_len, output_len = 4, 6, 5
+    spec = WorkloadSpec(num_prompts=num_prompts, prompt_len=LengthDistribution.parse(str(prompt_len)),
+                        output_len=LengthDistribution.parse(str(output_len)))
+    point = SweepPoint(str(tiny_checkpoint), "float32", 2, "local", 2)
+    result = run_point(point, spec, LoadSettings(), tmp_path, warmup=1, progress=False)
+
+    assert result.summary.completed == num_prompts
+    assert result.summary.output_tokens == num_prompts * output_len
+    server = result.server
+    assert server.source == "Forward.GetStats"
+    # Each prompt token is prefilled once and each output token but the last is decoded once;
+    # every such token goes to top-2 experts in each of the 2 layers.
+    tokens = num_prompts * prompt_len + num_prompts * (output_len - 1)
+    assert sum(server.group_tokens.values()) == tokens * 2 * 2
+    assert sum(server.group_shares.values()) == pytest.approx(1.0)
+    assert server.group_experts == {0: [0, 1], 1: [2, 3]}
+    assert server.mean_step_ms > 0
+    assert server.mean_batch_size >= 1
+    assert result.extra["point"]["executor"] == "local"
