@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 1
 export OMP_WAIT_POLICY ?= PASSIVE
 export RAY_worker_niceness ?= 0
 
-.PHONY: install test test-python test-rust proto proto-check demo serve bench clean
+.PHONY: install test test-python test-rust proto proto-check demo serve bench bench-quick clean
 
 $(STAMP): pyproject.toml Cargo.toml crates/sampler/Cargo.toml $(wildcard crates/sampler/src/*.rs)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,8 +39,13 @@ demo: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/loftey serve
 
+# Regenerate benchmarks/RESULTS.md and benchmarks/plots/ (about 20-30 minutes on 2 cores;
+# bench-quick runs fewer points, requests and tokens).
 bench: $(STAMP)
-	$(BIN)/loftey bench --help
+	$(BIN)/python benchmarks/run_all.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py --quick
 
 clean:
 	rm -rf $(VENV) target build dist
