@@ -7,17 +7,20 @@ one torch thread per process):
 1. Decode steps: for each dtype, G = 2 expert-group actors are started once and every Ray
    executor runs over those same actors (`ray`: shared memory on this node, `ray-calls`:
    classic actor calls, `ray-compiled`: a compiled graph), against `local` (every expert in
-   this process). B sequences are prefilled with 16-token prompts, then `--steps` decode
-   steps are timed one by one; the table gives the median step in ms.
-2. Per-layer dispatch: one MoE layer (`forward_layer`) with B routed rows, median of
-   `--layer-repeats` calls; "added" is that minus `local`'s time for the same rows, so it
-   is the cost of reaching the actors net of any parallel speed-up of the groups.
+   this process). B sequences are prefilled with 16-token prompts, then decode steps are
+   timed one by one, in `--rounds` rounds that visit every executor in turn.
+2. Per-layer dispatch: one MoE layer (`forward_layer`) with B routed rows; "added" is that
+   minus `local`'s time for the same rows, so it is the cost of reaching the actors net of
+   any parallel speed-up of the groups.
 3. RSS per expert actor for G in `--rss-groups` (float32): RSS and USS (pages no other
    process shares) of each actor right after loading, against its share of the expert
-   bytes; a group holding no experts gives the process's baseline.
+   bytes. An actor with no experts gives the process's baseline.
+
+Other processes may share the cores, so each figure is the minimum over every timed run
+(the least disturbed one), with the median beside it.
 
 Usage: python benchmarks/forward_step.py [--dtypes float32 bfloat16] [--batch-sizes 1 8 32]
-       [--steps 20] [--layer-repeats 30] [--rss-groups 1 2 4] [--output PATH]
+       [--rounds 3] [--steps 10] [--layer-repeats 30] [--rss-groups 1 2 4] [--output PATH]
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -40,17 +44,17 @@ GROUPS = 2
 MIB = 2**20
 
 
-def median_ms(function, repeats: int) -> float:
+def times_ms(function, repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
         function()
         times.append((time.perf_counter() - started) * 1000.0)
-    return statistics.median(times)
+    return times
 
 
-def decode_step_ms(engine, batch: int, steps: int, vocab_size: int) -> float:
-    """Prefill `batch` sequences, then return the median time of `steps` decode steps of all of them."""
+def decode_step_ms(engine, batch: int, steps: int, vocab_size: int) -> list[float]:
+    """Prefill `batch` sequences, then return the times of `steps` decode steps of all of them."""
     import torch
 
     from loftey.forward.engine import NewSequence, StepPlan
@@ -63,13 +67,13 @@ def decode_step_ms(engine, batch: int, steps: int, vocab_size: int) -> float:
     decode = StepPlan(decode_ids=ids)
     for _ in range(WARM_UP_STEPS):
         engine.step(decode)
-    step_ms = median_ms(lambda: engine.step(decode), steps)
+    step_ms = times_ms(lambda: engine.step(decode), steps)
     engine.release(ids)
     return step_ms
 
 
-def layer_ms(executor, config, batch: int, repeats: int, dtype) -> float:
-    """Return the median time of one MoE layer's expert dispatch for `batch` routed rows."""
+def layer_ms(executor, config, batch: int, repeats: int, dtype) -> list[float]:
+    """Return the times of `repeats` expert dispatches of one MoE layer for `batch` routed rows."""
     import torch
 
     from loftey.model import route
@@ -79,15 +83,25 @@ def layer_ms(executor, config, batch: int, repeats: int, dtype) -> float:
     weights, expert_ids = route(torch.randn(batch, config.expert_num, generator=generator), config.topk)  # [B, A]
     for _ in range(WARM_UP_STEPS):
         executor.forward_layer(0, hidden, expert_ids, weights)
-    return median_ms(lambda: executor.forward_layer(0, hidden, expert_ids, weights), repeats)
+    return times_ms(lambda: executor.forward_layer(0, hidden, expert_ids, weights), repeats)
+
+
+@dataclass
+class Timing:
+    """Decode-step and layer-dispatch times of one executor at one batch size, in ms."""
+
+    step_min: float
+    step_median: float
+    layer_min: float
+    layer_median: float
 
 
 def run_executors(model_dir: Path, config, dtype_name: str, args) -> dict:
     """Time every executor on the same G = 2 actors, in interleaved rounds.
 
-    Returns {(executor, batch): (step ms, layer ms, step ratio to local)}: medians over the
-    rounds, the ratio taken within each round so that load from other processes on the
-    machine weighs on both sides. The compiled graph is built and torn down within each
+    Returns {(executor, batch): Timing}. Other processes share the machine, so the
+    minimum over every timed step is the main figure (the run least disturbed by them),
+    with the median beside it. The compiled graph is built and torn down within each
     round, because its actors spin between calls and would slow every other executor.
     """
     import torch
@@ -109,7 +123,7 @@ def run_executors(model_dir: Path, config, dtype_name: str, args) -> dict:
         engine.warm_up()
         return engine
 
-    samples: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    samples: dict[tuple[str, int], tuple[list[float], list[float]]] = {}
     engines = {}
     try:
         engines = {name: start_engine(name) for name in EXECUTORS if name != "ray-compiled"}
@@ -120,9 +134,11 @@ def run_executors(model_dir: Path, config, dtype_name: str, args) -> dict:
                     for batch in args.batch_sizes:
                         step = decode_step_ms(engine, batch, args.steps, config.vocab_size)
                         layer = layer_ms(engine.executor, config, batch, args.layer_repeats, dtype)
-                        samples.setdefault((name, batch), []).append((step, layer))
+                        steps, layers = samples.setdefault((name, batch), ([], []))
+                        steps += step
+                        layers += layer
                         print(f"{dtype_name} round {round_index} {name:12s} B={batch:2d}: "
-                              f"step {step:8.2f} ms, layer {layer:7.3f} ms", flush=True)
+                              f"step {min(step):8.2f} ms, layer {min(layer):7.3f} ms (minimum)", flush=True)
                 finally:
                     if name not in engines:
                         engine.executor.close()
@@ -131,16 +147,10 @@ def run_executors(model_dir: Path, config, dtype_name: str, args) -> dict:
             engine.executor.close()
         owner.close()
 
-    results = {}
-    for (name, batch), rows in samples.items():
-        local_rows = samples[("local", batch)]
-        ratios = [step / local_step for (step, _), (local_step, _) in zip(rows, local_rows)]
-        results[(name, batch)] = (
-            statistics.median(step for step, _ in rows),
-            statistics.median(layer for _, layer in rows),
-            statistics.median(ratios),
-        )
-    return results
+    return {
+        key: Timing(min(steps), statistics.median(steps), min(layers), statistics.median(layers))
+        for key, (steps, layers) in samples.items()
+    }
 
 
 def rss_rows(model_dir: Path, config, groups: list[int]) -> list[tuple]:
@@ -180,49 +190,59 @@ def write_report(path: Path, args, step_results: dict, rss: list[tuple], config)
         f"Machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
         f"torch {torch.__version__}, Ray {ray.__version__}, Python {platform.python_version()}; "
         f"model dummy-235m ({config.num_layers} layers, {config.expert_num} experts top-{config.topk}); "
-        f"G = {GROUPS}; one torch thread per process; medians over {args.rounds} interleaved rounds "
-        f"of {args.steps} decode steps each (ratios taken within a round).",
+        f"G = {GROUPS}; one torch thread per process; {args.rounds} interleaved rounds of {args.steps} "
+        f"decode steps and {args.layer_repeats} layer calls per executor and batch size.",
         "",
-        "## Decode step, ms (median ratio to local in brackets)",
+        "## Decode step, ms: minimum (median)",
+        "",
+        "Ratio to local's minimum in brackets; Ray executors use G = 2 actors.",
         "",
         "| dtype | B | " + " | ".join(EXECUTORS) + " |",
         "| --- | --- | " + " | ".join("---" for _ in EXECUTORS) + " |",
     ]
     for dtype_name in args.dtypes:
         for batch in args.batch_sizes:
-            local = step_results[dtype_name][("local", batch)][0]
+            local = step_results[dtype_name][("local", batch)]
             cells = []
             for name in EXECUTORS:
-                step = step_results[dtype_name][(name, batch)][0]
-                ratio = step_results[dtype_name][(name, batch)][2]
-                cells.append(f"{step:.1f}" if name == "local" else f"{step:.1f} ({ratio:.2f}×)")
+                timing = step_results[dtype_name][(name, batch)]
+                cell = f"{timing.step_min:.1f} ({timing.step_median:.1f})"
+                if name != "local":
+                    cell += f" [{timing.step_min / local.step_min:.2f}×]"
+                cells.append(cell)
             lines.append(f"| {dtype_name} | {batch} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "## Added per token against local (step − local step), ms",
+        "## Added per token against local (minimum step − local's minimum step), ms",
         "",
         "| dtype | B | " + " | ".join(EXECUTORS[1:]) + " |",
         "| --- | --- | " + " | ".join("---" for _ in EXECUTORS[1:]) + " |",
     ]
     for dtype_name in args.dtypes:
         for batch in args.batch_sizes:
-            local = step_results[dtype_name][("local", batch)][0]
-            cells = [f"{step_results[dtype_name][(name, batch)][0] - local:+.2f}" for name in EXECUTORS[1:]]
+            local = step_results[dtype_name][("local", batch)].step_min
+            cells = [f"{step_results[dtype_name][(name, batch)].step_min - local:+.2f}" for name in EXECUTORS[1:]]
             lines.append(f"| {dtype_name} | {batch} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "## One MoE layer's expert dispatch, ms (added against local in brackets)",
+        "## One MoE layer's expert dispatch, ms: minimum (median)",
+        "",
+        "Added against local's minimum in brackets: the per-layer cost of reaching the actors,",
+        "net of the speed-up of two groups computing in parallel.",
         "",
         "| dtype | B | " + " | ".join(EXECUTORS) + " |",
         "| --- | --- | " + " | ".join("---" for _ in EXECUTORS) + " |",
     ]
     for dtype_name in args.dtypes:
         for batch in args.batch_sizes:
-            local = step_results[dtype_name][("local", batch)][1]
+            local = step_results[dtype_name][("local", batch)]
             cells = []
             for name in EXECUTORS:
-                layer = step_results[dtype_name][(name, batch)][1]
-                cells.append(f"{layer:.3f}" if name == "local" else f"{layer:.3f} ({layer - local:+.3f})")
+                timing = step_results[dtype_name][(name, batch)]
+                cell = f"{timing.layer_min:.3f} ({timing.layer_median:.3f})"
+                if name != "local":
+                    cell += f" [{timing.layer_min - local.layer_min:+.3f}]"
+                cells.append(cell)
             lines.append(f"| {dtype_name} | {batch} | " + " | ".join(cells) + " |")
     if rss:
         lines += [
@@ -250,7 +270,7 @@ def write_report(path: Path, args, step_results: dict, rss: list[tuple], config)
 def main() -> None:
     import sys
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--steps", type=int, default=10, help="decode steps timed per executor, batch size and round")

@@ -63,3 +63,20 @@ def test_actors_load_only_their_experts(ray_engine):
     config = executor.config
     expert_bytes = 3 * config.hidden_size * config.intermediate_size * 4  # three float32 projections
     assert sizes == {config.num_layers * executor.partition.experts_per_group * expert_bytes}
+
+
+def test_groups_off_node_use_ray_calls(group_actors, tiny_checkpoint, reference_model):
+    groups, actors = group_actors
+    settings = ForwardSettings(str(tiny_checkpoint), executor="ray", expert_groups=groups, kv_slots=2)
+    engine = build_engine(settings, actors)
+    executor = engine.executor
+    # Stand-in for an actor on another node: its group loses the shared-memory channel.
+    executor.channels[-1].close()
+    executor.channels[-1] = None
+    prompt = [11, 12, 13, 14]
+
+    tokens = engine_greedy(engine, {1: prompt})[1]
+    check_m1(executor, reference_model)
+    executor.close()
+
+    assert tokens == reference_greedy(reference_model, prompt)

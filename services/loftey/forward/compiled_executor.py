@@ -94,7 +94,7 @@ class CompiledGraphExecutor(RayCallsExecutor):
                     break
                 time.sleep(RETRY_BACKOFF_S)
         if outputs is None:
-            raise ExpertGroupUnavailable(-1, f"layer {layer} compiled-graph call failed: {error}") from error
+            raise ExpertGroupUnavailable(None, f"layer {layer} compiled-graph call failed: {error}") from error
 
         elapsed = time.monotonic() - started
         # Copies: the graph may reuse the buffers its outputs were read from.

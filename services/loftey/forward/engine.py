@@ -175,17 +175,21 @@ class ForwardEngine:
         rows = [(s.slot, 0, new.prompt_ids) for s, new in zip(states, plan.new_sequences)]
         rows += [(s.slot, s.num_cached, [s.last_token]) for s in states[len(plan.new_sequences) :]]
         batch = RaggedBatch.build(rows)
+        ids = [s.sequence_id for s in states]
         try:
             logits = self.model.forward(batch)  # [B, V]
+            sampled = sample_rows(
+                logits, [s.sampling for s in states], [s.next_step for s in states], [s.seen_ids for s in states]
+            )
         except ExpertGroupUnavailable as error:
-            ids = [s.sequence_id for s in states]
             self.release(ids)
             logger.error("step failed, released sequences %s: %s", ids, error)
             raise StepUnavailable(ids, error) from error
-
-        sampled = sample_rows(
-            logits, [s.sampling for s in states], [s.next_step for s in states], [s.seen_ids for s in states]
-        )
+        except Exception:
+            # Their KV-cache positions of this step may be half written: none of them can continue.
+            self.release(ids)
+            logger.error("step failed unexpectedly, released sequences %s", ids)
+            raise
         outputs = []
         for state, (_, _, tokens), draw in zip(states, rows, sampled):
             state.num_cached += len(tokens)

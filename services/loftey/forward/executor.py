@@ -31,8 +31,9 @@ logger = logging.getLogger(__name__)
 class ExpertGroupUnavailable(RuntimeError):
     """An expert group could not compute a layer within the allowed attempts and time."""
 
-    def __init__(self, group: int, message: str) -> None:
-        super().__init__(f"expert group {group} unavailable: {message}")
+    def __init__(self, group: int | None, message: str) -> None:
+        """`group` is None when the failure cannot be pinned on one group (a compiled graph)."""
+        super().__init__(f"{'expert groups' if group is None else f'expert group {group}'} unavailable: {message}")
         self.group = group
 
 

@@ -162,7 +162,17 @@ async def stop_forward_server(running, servicer, grace_s: float | None = SHUTDOW
 
 
 async def run_forward_service(settings: ForwardSettings, host: str, port: int, port_file: Path | None) -> None:
-    """Serve until SIGTERM or SIGINT, then stop the server and the expert groups."""
+    """Serve until SIGTERM or SIGINT, then stop the server, the expert groups and a Ray this process started."""
+    started_ray = False
+    if settings.executor != "local":
+        import ray
+
+        from loftey.forward.ray_actor import init_ray
+
+        # Before the gRPC server starts: Ray then forks its processes with no gRPC threads
+        # running, and sets its signal handlers from the main thread.
+        started_ray = not ray.is_initialized() and not settings.ray_address
+        init_ray(settings.ray_address)
     running, servicer = await start_forward_server(settings, host, port)
     logger.info("listening on %s:%d", host, running.port)
     if port_file is not None:
@@ -177,6 +187,10 @@ async def run_forward_service(settings: ForwardSettings, host: str, port: int, p
     finally:
         logger.info("stopping: waiting up to %.0f s for in-flight calls", SHUTDOWN_GRACE_S)
         await stop_forward_server(running, servicer)
+        if started_ray:
+            import ray
+
+            ray.shutdown()
         logger.info("stopped")
 
 

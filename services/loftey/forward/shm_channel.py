@@ -38,6 +38,8 @@ REPLY = struct.Struct("<IiI")  # call id, status (0 ok), error message bytes
 STATUS_OK = 0
 STATUS_ERROR = 1
 MAX_ERROR_BYTES = 4096
+# Seconds to wait for the reply of a call left uncollected before the next call.
+DRAIN_TIMEOUT_S = 60.0
 # Offsets of the regions in the buffer are multiples of this (a cache line).
 ALIGNMENT = 64
 SHM_DIR = Path("/dev/shm")
@@ -183,6 +185,8 @@ class ChannelClient:
         self.buffers = ChannelBuffers(spec, create=True)
         self.sock: socket.socket | None = None
         self._next_call_id = 0
+        # Id of a call whose reply was never collected (a failed layer left it behind).
+        self._pending_call: int | None = None
 
     def connect(self, timeout_s: float) -> None:
         self.disconnect()
@@ -199,11 +203,15 @@ class ChannelClient:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        self._pending_call = None
 
     def submit(self, layer: int, hidden: np.ndarray, expert_ids: np.ndarray, weights: np.ndarray) -> int:
         """Copy one call's rows into the buffer and signal the actor; return the call id."""
         if self.sock is None:
             raise ChannelError("not connected")
+        if self._pending_call is not None:
+            # The actor may still be writing that call's output: wait for its reply first.
+            self.collect(self._pending_call, 0, DRAIN_TIMEOUT_S)
         rows = hidden.shape[0]
         views = self.buffers.views
         views["hidden"][:rows] = hidden
@@ -214,12 +222,28 @@ class ChannelClient:
             self.sock.sendall(REQUEST.pack(self._next_call_id, layer, rows))
         except OSError as error:
             raise ChannelError(f"sending the call failed: {error}") from error
+        self._pending_call = self._next_call_id
         return self._next_call_id
 
     def collect(self, call_id: int, rows: int, timeout_s: float) -> np.ndarray:
-        """Wait for a call's reply and return the output rows: a view valid until the next submit."""
+        """Wait for a call's reply and return the output rows: a view valid until the next submit.
+
+        Raises ChannelError. Unless the actor reported a failed call, the
+        connection is closed first, because the byte stream may be mid-reply.
+        """
         if self.sock is None:
             raise ChannelError("not connected")
+        self._pending_call = None
+        try:
+            status, message = self._receive_reply(call_id, timeout_s)
+        except ChannelError:
+            self.disconnect()
+            raise
+        if status != STATUS_OK:
+            raise ChannelError(f"the expert group failed the call: {message.decode(errors='replace')}")
+        return self.buffers.views["output"][:rows]
+
+    def _receive_reply(self, call_id: int, timeout_s: float) -> tuple[int, bytes]:
         try:
             self.sock.settimeout(max(timeout_s, 1e-3))
             header = _receive_exactly(self.sock, REPLY.size)
@@ -233,9 +257,7 @@ class ChannelClient:
             raise ChannelError(f"receiving the reply failed: {error}") from error
         if reply_id != call_id:
             raise ChannelError(f"reply to call {reply_id} while waiting for call {call_id}")
-        if status != STATUS_OK:
-            raise ChannelError(f"the expert group failed the call: {(message or b'').decode(errors='replace')}")
-        return self.buffers.views["output"][:rows]
+        return status, message or b""
 
     def close(self) -> None:
         self.disconnect()
