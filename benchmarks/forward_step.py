@@ -9,9 +9,9 @@ one torch thread per process):
    classic actor calls, `ray-compiled`: a compiled graph), against `local` (every expert in
    this process). B sequences are prefilled with 16-token prompts, then decode steps are
    timed one by one, in `--rounds` rounds that visit every executor in turn.
-2. Per-layer dispatch: one MoE layer (`forward_layer`) with B routed rows; "added" is that
-   minus `local`'s time for the same rows, so it is the cost of reaching the actors net of
-   any parallel speed-up of the groups.
+2. Per-layer dispatch: one MoE layer (`forward_layer`) with B routed rows. "Added" is that
+   time minus `local`'s for the same rows: the cost of reaching the actors, net of any
+   speed-up from groups computing in parallel.
 3. RSS per expert actor for G in `--rss-groups` (float32): RSS and USS (pages no other
    process shares) of each actor right after loading, against its share of the expert
    bytes. An actor with no experts gives the process's baseline.

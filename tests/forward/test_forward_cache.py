@@ -63,10 +63,10 @@ def test_ragged_mask_is_causal_per_row():
     batch = RaggedBatch.build([(2, 5, [7]), (0, 0, [1, 2, 3])])
     mask = batch.mask[:, 0]  # [B, T, S]
 
-    # The decode row's one query sees its 6 positions; its padded queries see key 0 only.
+    # The decode row's one query reads its 6 positions. Its padded queries may read key 0 only.
     assert mask[0, 0].tolist() == [True] * 6
     assert mask[0, 1].tolist() == [True] + [False] * 5
-    # The prompt row sees its own earlier positions and never the decode row's longer history.
+    # The prompt row reads its own earlier positions and never the decode row's longer history.
     assert mask[1].tolist() == [
         [True, False, False, False, False, False],
         [True, True, False, False, False, False],

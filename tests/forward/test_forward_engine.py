@@ -172,3 +172,16 @@ def test_seeded_draws_do_not_depend_on_batch(engine):
         return tokens
 
     assert draws(0) == draws(2)
+
+
+def test_bfloat16_greedy_equals_generate(tiny_checkpoint):
+    from loftey.model import LofteyForCausalLM
+
+    reference = LofteyForCausalLM.from_pretrained(tiny_checkpoint, dtype="bfloat16")
+    settings = ForwardSettings(str(tiny_checkpoint), executor="local", expert_groups=2, kv_slots=2, dtype="bfloat16")
+    engine = build_engine(settings)
+
+    for text in ("Hi", "What is 2+2?"):
+        prompt = encode(chat(text))
+        assert engine_greedy(engine, {1: prompt}, new_tokens=24)[1] == reference_greedy(reference, prompt, 24)
+    engine.executor.close()

@@ -9,7 +9,7 @@ its whole prompt (start 0), a continued one its last token (start = its
 cached length). Token activations stay packed [N, C] so projections, routing
 and experts never see padding; only attention pads the queries to [B, T].
 A row reads keys only from its own slot, and only positions at or before
-each query's own, so no row ever sees another's keys or stale positions.
+each query's own, so no row ever reads another's keys or stale positions.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class RaggedBatch:
     token_slot: torch.Tensor  # [N] cache slot of each token
     token_pos: torch.Tensor  # [N] absolute position of each token in its sequence
     last_token: torch.Tensor  # [B] index in [0, N) of each row's last token
-    max_tokens: int  # T, the most tokens of any row
+    max_tokens: int  # T, the max number of tokens in one row
     num_keys: int  # S, the longest sequence after this step
     mask: torch.Tensor  # [B, 1, T, S] bool, True where a query may read a key
 
@@ -59,7 +59,7 @@ class RaggedBatch:
         query_pos = starts[:, None] + query[None, :]  # [B, T]
         visible = key[None, None, :] <= query_pos[:, :, None]  # [B, T, S], causal within the row's own slot
         real_query = query[None, :] < lengths[:, None]  # [B, T]
-        # A padded query sees key 0 only, so its softmax is finite; its output is discarded.
+        # A padded query may read key 0 only, which keeps its softmax finite. Its output is discarded.
         visible = torch.where(real_query[:, :, None], visible, key[None, None, :] == 0)  # [B, T, S]
 
         return cls(
@@ -129,8 +129,8 @@ class DenseModel:
     def forward(self, batch: RaggedBatch) -> torch.Tensor:
         """Run every layer over the batch, filling the cache, and return float32 logits [B, V] of each row's last token.
 
-        Raises ExpertGroupUnavailable when the executor gives up on a layer;
-        the cache positions this step wrote are then garbage, and the caller
+        Raises ExpertGroupUnavailable when the executor gives up on a layer.
+        The cache positions of this step are then half written, so the caller
         must release the batch's sequences.
         """
         x = self.weights.embed_tokens[batch.token_ids]  # [N, C]

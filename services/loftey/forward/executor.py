@@ -2,12 +2,12 @@
 
 Per layer, the forward process hands the executor the rows after
 post_attention_layernorm with their routed expert ids and weights. The base
-class splits them by expert group (a group gets only the rows routed to at
-least one of its experts, with the weights of other groups' experts zeroed),
-lets the subclass run every group that has rows at once, skips the groups
-that have none, and adds the partial outputs up. Subclasses differ only in
-where a group's experts run: in this process, or in a Ray actor reached over
-Ray calls, shared memory or a compiled graph.
+class splits them by expert group: a group gets only the rows routed to at
+least one of its experts, with the weights of other groups' experts zeroed.
+The subclass runs every group that has rows at once, groups without rows are
+skipped, and the base class adds the partial outputs up. Subclasses differ
+only in where a group's experts run: in this process, or in a Ray actor
+reached over Ray calls, shared memory or a compiled graph.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class GroupCall:
     rows: torch.Tensor  # [n] indices into the layer's rows
     hidden: torch.Tensor  # [n, C]
     expert_ids: torch.Tensor  # [n, A] int64
-    weights: torch.Tensor  # [n, A] float32, 0 where another group holds the expert
+    weights: torch.Tensor  # [n, A] float32, 0 where the expert belongs to another group
 
 
 @dataclass
@@ -106,7 +106,7 @@ class ExpertExecutor(ABC):
     def run_calls(self, layer: int, calls: list[GroupCall]) -> list[GroupResult]:
         """Run the calls (at most one per group) concurrently and return their results in order.
 
-        Raise ExpertGroupUnavailable when a group cannot answer within the
+        Raise ExpertGroupUnavailable when a group returns no result within the
         executor's bounds.
         """
 
@@ -118,7 +118,7 @@ class ExpertExecutor(ABC):
         return []
 
     def warm_up(self) -> None:
-        """Call every group once with one zero row, so each has loaded and answered before serving."""
+        """Call every group once with one zero row, so that each has loaded and responded before serving."""
         num_active = self.config.topk
         calls = []
         for group in range(self.partition.num_groups):

@@ -1,8 +1,8 @@
 """Partition of the experts into expert groups.
 
-Group g of G holds the contiguous experts [g * E / G, (g + 1) * E / G): with
-E = 4 and G = 2, group 0 holds experts 0 and 1 and group 1 holds 2 and 3.
-G must divide E, so every group holds the same number of experts and
+Group g of G runs the contiguous experts [g * E / G, (g + 1) * E / G). With
+E = 4 and G = 2, group 0 runs experts 0 and 1, and group 1 runs 2 and 3.
+G must divide E, so that every group has the same number of experts and
 GetInfo.group_experts can be read as a [G, E / G] table.
 """
 
@@ -30,12 +30,12 @@ class ExpertPartition:
         return self.num_experts // self.num_groups
 
     def experts_of(self, group: int) -> list[int]:
-        """Return the expert ids group `group` holds, in increasing order."""
+        """Return the ids of the experts group `group` runs, in increasing order."""
         start = group * self.experts_per_group
         return list(range(start, start + self.experts_per_group))
 
     def group_of(self, expert: int) -> int:
-        """Return the group that holds expert `expert`."""
+        """Return the group that runs expert `expert`."""
         return expert // self.experts_per_group
 
     def flat(self) -> list[int]:

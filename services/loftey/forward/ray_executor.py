@@ -2,9 +2,10 @@
 
 One actor per group, each loading only its experts' tensors: group g runs
 experts [g * E / G, (g + 1) * E / G). Ray restarts a dead actor up to
-`max_restarts` times and retries its pending calls up to `max_task_retries`
-times; on top of that, a layer call is given `max_attempts` tries and
-`call_timeout_s` seconds in all, after which the group counts as unavailable.
+`max_restarts` times and resubmits its pending calls up to `max_task_retries`
+times. On top of that, a layer call gets `max_attempts` tries and
+`call_timeout_s` seconds in all. Past either bound the group counts as
+unavailable.
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ class RayCallsExecutor(ExpertExecutor):
         actors: list | None = None,
     ) -> None:
         """`actors`: running ExpertGroupActor handles, one per group in order, to use instead of
-        creating new ones; close() then leaves them running (benchmarks and tests compare
-        executors over the same actors)."""
+        creating new ones. close() then leaves them running, so that benchmarks and tests
+        can compare executors over the same actors."""
         super().__init__(config, partition, model_dir, dtype)
         self.options = options
         self.owns_actors = actors is None

@@ -28,7 +28,9 @@ def load_config(model_dir: str | Path):
     folder = Path(model_dir)
     config = read_config(folder)
     if not config.use_moe:
-        raise CheckpointError(f"{folder} holds a dense model (use_moe false); the forward service serves MoE models")
+        raise CheckpointError(
+            f"{folder} contains a dense model (use_moe false), but the forward service serves only MoE models"
+        )
     return config
 
 
