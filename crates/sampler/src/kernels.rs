@@ -14,56 +14,9 @@ pub const LANES: usize = 16;
 /// Number of weights computed and summed together. `tree_sum` is written for this value.
 pub const CHUNK: usize = 256;
 
-/// Maximum of one row and whether it contains NaN.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct RowScan {
-    /// Maximum over the non-NaN values; `-inf` when every value is `-inf` or NaN.
-    pub max: f32,
-    pub has_nan: bool,
-}
-
-#[inline(always)]
-fn scan_body<const FUSED: bool>(row: &[f32]) -> RowScan {
-    let mut max = [f32::NEG_INFINITY; LANES];
-    let mut nan = [false; LANES];
-    let blocks = row.chunks_exact(LANES);
-    let tail = blocks.remainder();
-    for block in blocks {
-        for lane in 0..LANES {
-            let x = block[lane];
-            max[lane] = if x > max[lane] { x } else { max[lane] };
-            nan[lane] |= x.is_nan();
-        }
-    }
-    let mut scan = RowScan { max: f32::NEG_INFINITY, has_nan: false };
-    for (&x, &is_nan) in max.iter().zip(&nan).chain(tail.iter().map(|x| (x, &false))) {
-        scan.max = if x > scan.max { x } else { scan.max };
-        scan.has_nan |= is_nan || x.is_nan();
-    }
-    scan
-}
-
-dispatch! {
-    /// Finds the maximum of `row` and whether it contains NaN, in one pass.
-    pub fn scan_row(row: &[f32]) -> RowScan => scan_body
-}
-
-/// Returns the lowest index whose value equals `value`, if any.
-pub fn first_index_of(row: &[f32], value: f32) -> Option<usize> {
-    let mut blocks = row.chunks_exact(LANES);
-    let mut start = 0;
-    for block in blocks.by_ref() {
-        if block.iter().fold(false, |found, &x| found | (x == value)) {
-            return block.iter().position(|&x| x == value).map(|i| start + i);
-        }
-        start += LANES;
-    }
-    blocks.remainder().iter().position(|&x| x == value).map(|i| start + i)
-}
-
 /// Writes the weights of `chunk` (at most [`CHUNK`] logits) to `w`, and 0 past its end.
 #[inline(always)]
-fn chunk_weights<const FUSED: bool>(chunk: &[f32], max: f32, scale: f32, w: &mut [f32; CHUNK]) {
+pub(crate) fn chunk_weights<const FUSED: bool>(chunk: &[f32], max: f32, scale: f32, w: &mut [f32; CHUNK]) {
     if let Ok(full) = <&[f32; CHUNK]>::try_from(chunk) {
         for i in 0..CHUNK {
             w[i] = exp_non_positive::<FUSED>((full[i] - max) * scale);
@@ -98,7 +51,7 @@ fn fold(values: &mut [f32; CHUNK], width: usize) {
 /// sum of nodes i and i + (CHUNK >> k) of level k - 1. The fixed order keeps dependency
 /// chains short and lets [`descend`] invert the sum exactly as it was computed.
 #[inline(always)]
-fn tree_sum(values: &[f32; CHUNK]) -> f32 {
+pub(crate) fn tree_sum(values: &[f32; CHUNK]) -> f32 {
     let mut level = *values;
     // One call per level, each with a constant width, so that each vectorizes.
     fold(&mut level, CHUNK / 2);
@@ -343,46 +296,48 @@ dispatch! {
         => draw_scan_body
 }
 
-/// Where a token stands in the ranking by weight (descending, ties to the lower id).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Rank {
-    /// The token's weight.
-    pub weight: f32,
-    /// Sum of the weights greater than the token's.
-    pub heavier_mass: f64,
-    /// Number of tokens of equal weight at lower ids.
-    pub ties_before: usize,
-}
-
-impl Rank {
-    /// Returns the weight of the tokens ranked before this one.
-    pub fn mass_before(&self) -> f64 {
-        self.heavier_mass + self.ties_before as f64 * f64::from(self.weight)
-    }
-}
-
 #[inline(always)]
-fn rank_of_body<const FUSED: bool>(row: &[f32], max: f32, scale: f32, token: usize) -> Rank {
+fn ranked_within_body<const FUSED: bool>(
+    row: &[f32],
+    max: f32,
+    scale: f32,
+    token: usize,
+    target: f64,
+    total: f64,
+) -> bool {
     let weight = row.get(token).map_or(0.0, |&x| exp_non_positive::<FUSED>((x - max) * scale));
     let bits = weight.to_bits();
     let mut w = [0.0f32; CHUNK];
-    let mut heavier_mass = 0.0f64;
-    let mut ties_before = 0;
+    let (mut heavier, mut scanned, mut ties) = (0.0f64, 0.0f64, 0usize);
     for (chunk_index, chunk) in row.chunks(CHUNK).enumerate() {
         chunk_weights::<FUSED>(chunk, max, scale, &mut w);
-        heavier_mass += f64::from(tree_sum(&mask_weights(&w, bits)));
+        heavier += f64::from(tree_sum(&mask_weights(&w, bits)));
+        scanned += f64::from(tree_sum(&w));
         let start = chunk_index * CHUNK;
         if start < token {
             let end = (token - start).min(chunk.len());
-            ties_before += w[..end].iter().filter(|value| value.to_bits() == bits).count();
+            ties += w[..end].iter().filter(|value| value.to_bits() == bits).count();
+        }
+
+        // Stop as soon as the rest of the row cannot change the answer.
+        let before = heavier + ties as f64 * f64::from(weight);
+        if before >= target {
+            return false;
+        }
+        if before + (total - scanned) < target {
+            return true;
         }
     }
-    Rank { weight, heavier_mass, ties_before }
+    true
 }
 
 dispatch! {
-    /// Ranks token `token` of `row` among all tokens by weight exp((x - max) * scale).
-    pub fn rank_of(row: &[f32], max: f32, scale: f32, token: usize) -> Rank => rank_of_body
+    /// Returns whether the tokens ranked before token `token` of `row` (by weight
+    /// exp((x - max) * scale) descending, ties to the lower id) weigh less than `target`.
+    /// `total` must be `weight_sum(row, max, scale, 0)`: the pass stops once the weight not
+    /// yet seen cannot change the answer.
+    pub fn ranked_within(row: &[f32], max: f32, scale: f32, token: usize, target: f64, total: f64) -> bool
+        => ranked_within_body
 }
 
 #[inline(always)]
@@ -419,31 +374,6 @@ dispatch! {
 mod tests {
     use super::*;
 
-    #[test]
-    fn scan_finds_max_and_nan_in_blocks_and_tail() {
-        let mut row: Vec<f32> = (0..37).map(|i| -(i as f32)).collect();
-        row[20] = 5.0;
-        assert_eq!(scan_row(&row), RowScan { max: 5.0, has_nan: false });
-        row[36] = f32::NAN;
-        assert!(scan_row(&row).has_nan);
-        row[36] = 0.0;
-        row[3] = f32::NAN;
-        assert_eq!(scan_row(&row), RowScan { max: 5.0, has_nan: true });
-        let all_neg_inf = vec![f32::NEG_INFINITY; 40];
-        assert_eq!(scan_row(&all_neg_inf).max, f32::NEG_INFINITY);
-    }
-
-    #[test]
-    fn first_index_of_returns_lowest() {
-        let mut row = vec![0.0f32; 50];
-        row[17] = 2.0;
-        row[40] = 2.0;
-        row[49] = 3.0;
-        assert_eq!(first_index_of(&row, 2.0), Some(17));
-        assert_eq!(first_index_of(&row, 3.0), Some(49));
-        assert_eq!(first_index_of(&row, 4.0), None);
-    }
-
     fn test_row() -> Vec<f32> {
         (0..3001).map(|i| ((i * 7919) % 1000) as f32 * -0.01).collect()
     }
@@ -451,7 +381,7 @@ mod tests {
     #[test]
     fn sums_agree_with_naive_reference() {
         let row = test_row();
-        let max = scan_row(&row).max;
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
         let mut w = Vec::new();
         weights(&row, max, 0.5, &mut w);
         assert_eq!(w.len(), row.len());
@@ -477,7 +407,7 @@ mod tests {
     fn draw_scan_gives_each_member_an_interval_of_its_weight() {
         // Two full chunks and a partial one.
         let row = &test_row()[..2 * CHUNK + 100];
-        let max = scan_row(row).max;
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
         let mut w = Vec::new();
         weights(row, max, 1.0, &mut w);
         let above = 0.9f32.to_bits();
@@ -501,26 +431,33 @@ mod tests {
     }
 
     #[test]
-    fn rank_of_counts_heavier_mass_and_ties_before() {
+    fn ranked_within_agrees_with_brute_force() {
         let mut row = test_row();
         row[10] = row[500];
         row[2000] = row[500];
-        let max = scan_row(&row).max;
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
         let mut w = Vec::new();
         weights(&row, max, 1.0, &mut w);
-        let rank = rank_of(&row, max, 1.0, 500);
-        let heavier: f64 = w.iter().filter(|&&x| x > w[500]).map(|&x| f64::from(x)).sum();
-        assert_eq!(rank.weight, w[500]);
-        assert!((rank.heavier_mass - heavier).abs() < 1e-6 * heavier);
-        let ties = w[..500].iter().filter(|&&x| x.to_bits() == w[500].to_bits()).count();
-        assert!(ties >= 1);
-        assert_eq!(rank.ties_before, ties);
+        let total = weight_sum(&row, max, 1.0, 0);
+        for token in [0, 10, 500, 2000, 2999] {
+            let heavier: f64 = w.iter().filter(|&&x| x > w[token]).map(|&x| f64::from(x)).sum();
+            let ties = w[..token].iter().filter(|&&x| x.to_bits() == w[token].to_bits()).count();
+            let before = heavier + ties as f64 * f64::from(w[token]);
+            for fraction in [0.01, 0.3, 0.6, 0.9, 0.999] {
+                let target = fraction * total;
+                // Away from the boundary, where rounding cannot decide.
+                if (before - target).abs() > 1e-6 * total {
+                    let within = ranked_within(&row, max, 1.0, token, target, total);
+                    assert_eq!(within, before < target, "token {token}, target {target}, before {before}");
+                }
+            }
+        }
     }
 
     #[test]
     fn collect_bucket_and_nth_with_bits_agree_with_weights() {
         let row = test_row();
-        let max = scan_row(&row).max;
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
         let mut w = Vec::new();
         weights(&row, max, 1.0, &mut w);
         let bucket = w[100].to_bits() >> COARSE_SHIFT;

@@ -45,7 +45,9 @@ mod simd;
 mod params;
 pub mod rng;
 mod row;
-mod select;
+mod top_k;
+mod top_p;
+mod first_pass;
 mod support;
 
 #[cfg(feature = "python")]

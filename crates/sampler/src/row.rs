@@ -1,9 +1,10 @@
 //! Sampling of one row: checks of the logits, the draw, and the logprobs.
 
-use crate::kernels::{scan_row, weight_sum};
+use crate::first_pass::first_pass;
+use crate::kernels::weight_sum;
 use crate::params::RowPlan;
-use crate::select::top_k_by_logit;
 use crate::support::{self, Prepared, Workspace};
+use crate::top_k::Candidate;
 
 /// Why a row could not be sampled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,26 +32,59 @@ pub struct RowSample {
 pub struct Scratch {
     /// The row with `+inf` logits replaced (see [`prepare`]).
     substitute: Vec<f32>,
+    candidates: Vec<Candidate>,
     work: Workspace,
 }
 
-/// Checks a row for NaN and all `-inf`, and replaces a row with `+inf` logits by one where
-/// those tokens have logit 0 and all others `-inf`: in the limit the `+inf` tokens share all
-/// the probability equally.
-fn prepare<'a>(row: &'a [f32], substitute: &'a mut Vec<f32>) -> Result<Prepared<'a>, RowErrorKind> {
-    let scan = scan_row(row);
-    if scan.has_nan {
+/// A checked row and, when the first pass computed it, ln(sum(exp(x - max))).
+struct Checked<'a> {
+    prepared: Prepared<'a>,
+    log_exp_sum: Option<f64>,
+}
+
+/// Reads the row once (see [`first_pass`]) and checks it for NaN and all `-inf`. A row
+/// with `+inf` logits is replaced by one where those tokens have logit 0 and all others
+/// `-inf`: in the limit the `+inf` tokens share all the probability equally.
+///
+/// The first pass also keeps the candidates that greedy decoding, top-k and the top
+/// `num_logprobs` need, and computes the logprobs' normalizer where no later pass would.
+fn prepare<'a>(
+    row: &'a [f32],
+    plan: &RowPlan,
+    num_logprobs: usize,
+    substitute: &'a mut Vec<f32>,
+    candidates: &'a mut Vec<Candidate>,
+) -> Result<Checked<'a>, RowErrorKind> {
+    let top_k_path = !plan.greedy && plan.top_k < row.len();
+    let for_sampling = if plan.greedy {
+        1
+    } else if top_k_path {
+        plan.top_k
+    } else {
+        0
+    };
+    let top_count = for_sampling.max(num_logprobs).min(row.len());
+    // Whole-row paths at temperature 1 get the normalizer from their own sum of weights.
+    let with_exp_sum = plan.greedy || top_k_path || plan.inv_temperature != 1.0;
+
+    let mut pass = first_pass(row, with_exp_sum, top_count, candidates);
+    if pass.has_nan {
         return Err(RowErrorKind::Nan);
     }
-    if scan.max == f32::NEG_INFINITY {
+    if pass.max == f32::NEG_INFINITY {
         return Err(RowErrorKind::AllNegativeInfinity);
     }
-    if scan.max == f32::INFINITY {
+    let mut row = row;
+    if pass.max == f32::INFINITY {
         substitute.clear();
         substitute.extend(row.iter().map(|&x| if x == f32::INFINITY { 0.0 } else { f32::NEG_INFINITY }));
-        return Ok(Prepared { row: substitute, max: 0.0 });
+        pass = first_pass(substitute, with_exp_sum, top_count, candidates);
+        row = substitute;
     }
-    Ok(Prepared { row, max: scan.max })
+    Ok(Checked {
+        prepared: Prepared { row, max: pass.max, candidates },
+        log_exp_sum: pass.exp_sum.map(f64::ln),
+    })
 }
 
 /// Samples one row of logits.
@@ -65,22 +99,18 @@ pub(crate) fn sample_row(
     num_logprobs: usize,
     scratch: &mut Scratch,
 ) -> Result<RowSample, RowErrorKind> {
-    let Scratch { substitute, work } = scratch;
-    let prepared = prepare(row, substitute)?;
+    let Scratch { substitute, candidates, work } = scratch;
+    let Checked { prepared, log_exp_sum } = prepare(row, plan, num_logprobs, substitute, candidates)?;
     let (token, total) = support::sample(prepared, plan, work);
 
     // Logprobs under the model's distribution: log_softmax(x) = x - max - ln(sum(exp(x - max))).
-    let Prepared { row, max } = prepared;
-    let total_at_unit_scale = total.filter(|_| plan.inv_temperature == 1.0);
-    let log_normalizer = total_at_unit_scale.unwrap_or_else(|| weight_sum(row, max, 1.0, 0)).ln();
+    let Prepared { row, max, candidates } = prepared;
+    let log_normalizer = log_exp_sum
+        .or_else(|| total.filter(|_| plan.inv_temperature == 1.0).map(f64::ln))
+        .unwrap_or_else(|| weight_sum(row, max, 1.0, 0).ln());
     let logprob_of = |x: f32| (f64::from(x - max) - log_normalizer) as f32;
     let logprob = logprob_of(row.get(token as usize).copied().unwrap_or(f32::NAN));
-    let mut top = Vec::new();
-    if num_logprobs > 0 {
-        let candidates = &mut work.candidates;
-        top_k_by_logit(row, num_logprobs.min(row.len()), candidates);
-        top.extend(candidates.iter().map(|c| (c.id, logprob_of(c.logit))));
-    }
+    let top = candidates.iter().take(num_logprobs).map(|c| (c.id, logprob_of(c.logit))).collect();
     Ok(RowSample { token, logprob, top })
 }
 
@@ -98,8 +128,8 @@ pub(crate) fn filtered_distribution(
     plan: &RowPlan,
     scratch: &mut Scratch,
 ) -> Result<Vec<(u32, f64)>, RowErrorKind> {
-    let Scratch { substitute, work } = scratch;
-    let prepared = prepare(row, substitute)?;
+    let Scratch { substitute, candidates, work } = scratch;
+    let Checked { prepared, .. } = prepare(row, plan, 0, substitute, candidates)?;
     let (support, _) = support::build(prepared, plan, work);
     let mut distribution = support::enumerate(&support);
     distribution.retain(|&(_, probability)| probability > 0.0);
@@ -109,7 +139,7 @@ pub(crate) fn filtered_distribution(
 
 #[cfg(test)]
 mod tests {
-    use crate::select::{by_rank, Candidate};
+    use crate::top_k::{by_rank, Candidate};
 
     #[test]
     fn by_rank_puts_lower_id_first_on_ties() {

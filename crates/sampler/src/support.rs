@@ -2,13 +2,14 @@
 //! it.
 
 use crate::kernels::{
-    draw_scan, first_index_of, nth_with_bits, rank_of, weight_sum, weights, weights_histogram,
-    Histogram, Scan,
+    draw_scan, nth_with_bits, ranked_within, weight_sum, weights, weights_histogram, Histogram,
+    Scan,
 };
 use crate::params::RowPlan;
 use crate::rng;
-use crate::select::{top_k_by_logit, top_p_cut, Candidate, Cut};
 use crate::simd::exp_non_positive;
+use crate::top_k::Candidate;
+use crate::top_p::{top_p_cut, Cut};
 
 /// Smallest top_p sampled by rejection: draws from the tokens min-p keeps are accepted when
 /// they fall in the top-p set, which happens with probability at least top_p.
@@ -22,12 +23,14 @@ const REJECTION_ATTEMPTS: u32 = 3;
 pub struct Prepared<'a> {
     pub row: &'a [f32],
     pub max: f32,
+    /// The best tokens of the row, best first (higher logit, ties to the lower id): at
+    /// least one for greedy decoding and at least top_k when top-k is on.
+    pub candidates: &'a [Candidate],
 }
 
 /// Buffers the filters write to, reused from row to row.
 #[derive(Default)]
 pub struct Workspace {
-    pub candidates: Vec<Candidate>,
     weighted: Vec<(f32, u32)>,
     items: Vec<(u32, u32)>,
     histogram: Histogram,
@@ -48,14 +51,13 @@ pub enum Support<'a> {
 /// Keeps the top-k candidates of `row`, then applies top-p and min-p to them. Returns them
 /// as (weight, id), heaviest first (ties to the lower id).
 fn top_k_support<'a>(prepared: Prepared<'_>, plan: &RowPlan, work: &'a mut Workspace) -> Support<'a> {
-    let Workspace { candidates, weighted, .. } = work;
+    let weighted = &mut work.weighted;
     let scale = plan.inv_temperature;
 
-    // 1. Top-k by partial selection, then the weights of the k candidates only.
-    top_k_by_logit(prepared.row, plan.top_k, candidates);
+    // 1. Top-k: the first pass kept the candidates; only their weights are computed.
     weighted.clear();
     weighted.extend(
-        candidates
+        prepared.candidates[..plan.top_k.min(prepared.candidates.len())]
             .iter()
             .map(|c| (exp_non_positive::<false>((c.logit - prepared.max) * scale), c.id)),
     );
@@ -100,11 +102,10 @@ pub fn build<'a>(
     plan: &RowPlan,
     work: &'a mut Workspace,
 ) -> (Support<'a>, Option<f64>) {
-    let Prepared { row, max } = prepared;
+    let Prepared { row, max, candidates } = prepared;
     let scale = plan.inv_temperature;
     if plan.greedy {
-        let token = first_index_of(row, max).unwrap_or(0) as u32;
-        return (Support::Single(token), None);
+        return (Support::Single(candidates.first().map_or(0, |best| best.id)), None);
     }
     if plan.top_k < row.len() {
         return (top_k_support(prepared, plan, work), None);
@@ -218,7 +219,7 @@ pub fn enumerate(support: &Support<'_>) -> Vec<(u32, f64)> {
 /// Returns the token (or `None` after [`REJECTION_ATTEMPTS`] rejections) and the row's sum
 /// of weights; `None` for both when the row does not qualify.
 pub fn draw_by_rejection(prepared: Prepared<'_>, plan: &RowPlan) -> Option<(Option<u32>, f64)> {
-    let Prepared { row, max } = prepared;
+    let Prepared { row, max, .. } = prepared;
     let qualifies = !plan.greedy
         && plan.top_k >= row.len()
         && plan.top_p < 1.0
@@ -245,7 +246,7 @@ pub fn draw_by_rejection(prepared: Prepared<'_>, plan: &RowPlan) -> Option<(Opti
             Scan::Token(token) => token,
             Scan::Short(last) => last.unwrap_or(0),
         };
-        if rank_of(row, max, scale, token as usize).mass_before() < target {
+        if ranked_within(row, max, scale, token as usize, target, total) {
             return Some((Some(token), total));
         }
     }
