@@ -4,14 +4,17 @@ Runs the seeded random-weights model with the published 235M shapes (dummy-235m,
 once to ~/.cache/loftey) from a 16-token prompt for 100 new tokens, at each batch size and
 dtype. Every (dtype, batch) runs in its own process, so the peak RSS figures do not mix.
 
-- ours: `model.generate(...)` with the KV cache, sampling as in the original README
-  (temperature 0.7, top_k 50, top_p 0.95), every row forced to 100 new tokens.
+- ours: `model.generate(...)` with the KV cache, every row forced to 100 new tokens, once
+  greedy and once sampling as in the original README (temperature 0.7, top_k 50,
+  top_p 0.95; transformers' sampler sorts the whole vocabulary at every step).
 - no-cache loop: the original's method, one full forward of the whole sequence per new
-  token with logits at every position. A step's cost grows with the sequence, so running
-  all 100 steps at batch 8 would take many minutes; the loop's step is timed at
-  `--baseline-points` sequence lengths spread over 16..115 and the 100-step time is
-  interpolated linearly between them (pass `--full-baseline` to run every step instead).
-- Both sides report the fastest of REPEATS runs (for the loop: of each sampled step).
+  token with logits at every position, then argmax (greedy) or a top-k-first sampler
+  (sampled). A step's cost grows with the sequence, and all 100 steps at batch 8 would
+  take many minutes. So the forward is timed at `--baseline-points` sequence lengths
+  spread over 16..115, and the 100-step time is interpolated linearly between them.
+  `--full-baseline` runs every greedy step instead.
+- Every timing is the fastest of REPEATS runs. Speedups are also given in process CPU
+  time, which leaves out the time other processes held the cores.
 - peak RSS: the process's VmHWM right after our generate(), before the no-cache loop.
   "model" is that minus the RSS after importing torch and transformers, which is the
   same in every row.
@@ -35,6 +38,8 @@ SAMPLING = {"temperature": 0.7, "top_k": 50, "top_p": 0.95}
 # Each timing is the fastest of this many runs, so a burst of load from other processes
 # on the shared cores weighs on neither side.
 REPEATS = 2
+TARGET_SPEEDUP = 10.0
+TARGET_BF16_RSS_RATIO = 0.60
 
 
 def rss_mb(field: str = "VmRSS") -> float:
@@ -57,10 +62,10 @@ def sample_next(logits, generator):
     return top_ids.gather(-1, choice)  # [B, 1]
 
 
-def no_cache_step(model, sequence, generator):
-    """One step of the original's loop: a full forward of the whole sequence, then sample."""
+def greedy_step(model, sequence):
+    """Run one greedy step of the original's loop: a full forward of the whole sequence, then argmax."""
     logits = model(input_ids=sequence, use_cache=False).logits  # [B, T, V]
-    return sample_next(logits[:, -1], generator)
+    return logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
 
 
 class Clock:
@@ -72,6 +77,16 @@ class Clock:
 
     def elapsed(self) -> tuple[float, float]:
         return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def fastest(run, repeats: int = REPEATS) -> tuple[float, float]:
+    """(wall, cpu) seconds of the fastest of `repeats` calls of run()."""
+    timings = []
+    for _ in range(repeats):
+        clock = Clock()
+        run()
+        timings.append(clock.elapsed())
+    return min(wall for wall, _ in timings), min(cpu for _, cpu in timings)
 
 
 def interpolate_total(step_seconds: dict[int, float], first: int, count: int) -> float:
@@ -90,7 +105,7 @@ def interpolate_total(step_seconds: dict[int, float], first: int, count: int) ->
 
 
 def time_no_cache(model, prompt, new_tokens: int, points: int, full: bool, generator) -> dict:
-    """Time the no-cache loop: wall and CPU seconds for all new_tokens steps, and the sampled step times."""
+    """Time the greedy no-cache loop: wall and CPU seconds for all new_tokens steps, and the sampled steps."""
     import torch
 
     prompt_len = prompt.shape[1]
@@ -98,7 +113,7 @@ def time_no_cache(model, prompt, new_tokens: int, points: int, full: bool, gener
         sequence = prompt
         clock = Clock()
         for _ in range(new_tokens):
-            sequence = torch.cat([sequence, no_cache_step(model, sequence, generator)], dim=1)
+            sequence = torch.cat([sequence, greedy_step(model, sequence)], dim=1)
         wall, cpu = clock.elapsed()
         return {"wall_s": wall, "cpu_s": cpu, "steps": {}}
 
@@ -107,13 +122,7 @@ def time_no_cache(model, prompt, new_tokens: int, points: int, full: bool, gener
     sequence = torch.cat([prompt, filler], dim=1)  # [B, longest sampled length]
     wall_steps, cpu_steps = {}, {}
     for length in lengths:
-        timings = []
-        for _ in range(REPEATS):
-            clock = Clock()
-            no_cache_step(model, sequence[:, :length], generator)
-            timings.append(clock.elapsed())
-        wall_steps[length] = min(wall for wall, _ in timings)
-        cpu_steps[length] = min(cpu for _, cpu in timings)
+        wall_steps[length], cpu_steps[length] = fastest(lambda: greedy_step(model, sequence[:, :length]))
     return {
         "wall_s": interpolate_total(wall_steps, prompt_len, new_tokens),
         "cpu_s": interpolate_total(cpu_steps, prompt_len, new_tokens),
@@ -135,37 +144,35 @@ def run_worker(args) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(1, model.config.vocab_size, (args.batch, args.prompt_tokens), generator=generator)
     attention_mask = torch.ones_like(prompt)
+    length = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "pad_token_id": 0}
+
+    def generate(**decoding):
+        torch.manual_seed(args.seed)
+        output = model.generate(prompt, attention_mask=attention_mask, **length, **decoding)
+        assert output.shape == (args.batch, args.prompt_tokens + args.new_tokens), output.shape
 
     with torch.inference_mode():
-        model.generate(prompt, attention_mask=attention_mask, max_new_tokens=4, do_sample=True, pad_token_id=0, **SAMPLING)
-        ours_wall = ours_cpu = float("inf")
-        for _ in range(REPEATS):
-            torch.manual_seed(args.seed)
-            clock = Clock()
-            output = model.generate(
-                prompt,
-                attention_mask=attention_mask,
-                max_new_tokens=args.new_tokens,
-                min_new_tokens=args.new_tokens,
-                do_sample=True,
-                pad_token_id=0,
-                **SAMPLING,
-            )
-            wall, cpu = clock.elapsed()
-            ours_wall, ours_cpu = min(ours_wall, wall), min(ours_cpu, cpu)
+        model.generate(prompt, attention_mask=attention_mask, max_new_tokens=4, pad_token_id=0)
+        greedy = fastest(lambda: generate(do_sample=False))
+        sampled = fastest(lambda: generate(do_sample=True, **SAMPLING))
         peak_rss = rss_mb("VmHWM")
-        assert output.shape == (args.batch, args.prompt_tokens + args.new_tokens), output.shape
         baseline = time_no_cache(model, prompt, args.new_tokens, args.baseline_points, args.full_baseline, generator)
+        last_logits = torch.randn(args.batch, model.config.vocab_size, generator=generator)  # [B, V]
+        sampler = fastest(lambda: sample_next(last_logits, generator), repeats=5)
 
     generated = args.batch * args.new_tokens
     return {
         "dtype": args.dtype,
         "batch": args.batch,
         "load_s": load_seconds,
-        "ours_tok_s": generated / ours_wall,
-        "baseline_tok_s": generated / baseline["wall_s"],
-        "ours_cpu_tok_s": generated / ours_cpu,
-        "baseline_cpu_tok_s": generated / baseline["cpu_s"],
+        "greedy_tok_s": generated / greedy[0],
+        "greedy_cpu_tok_s": generated / greedy[1],
+        "sampled_tok_s": generated / sampled[0],
+        "sampled_cpu_tok_s": generated / sampled[1],
+        "baseline_greedy_tok_s": generated / baseline["wall_s"],
+        "baseline_greedy_cpu_tok_s": generated / baseline["cpu_s"],
+        "baseline_sampled_tok_s": generated / (baseline["wall_s"] + args.new_tokens * sampler[0]),
+        "baseline_sampled_cpu_tok_s": generated / (baseline["cpu_s"] + args.new_tokens * sampler[1]),
         "baseline_step_s": baseline["steps"],
         "rss_imports_mb": rss_imports,
         "peak_rss_mb": peak_rss,
@@ -205,47 +212,87 @@ def run_child(args, extra: list[str]) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+def target_lines(rows: list[dict]) -> list[str]:
+    """State the targets: 10x the no-cache loop at batch 1 in float32, bfloat16 RSS at most 60% of float32."""
+    lines = []
+    by_key = {(row["dtype"], row["batch"]): row for row in rows}
+    fp32 = by_key.get(("float32", 1))
+    if fp32:
+        for decoding in ("greedy", "sampled"):
+            speedup = fp32[f"{decoding}_tok_s"] / fp32[f"baseline_{decoding}_tok_s"]
+            verdict = "met" if speedup >= TARGET_SPEEDUP else "missed"
+            lines.append(f"- float32, batch 1, {decoding}: {speedup:.1f}x the no-cache loop, target "
+                         f"{TARGET_SPEEDUP:.0f}x {verdict}.")
+        sampler_ms = (1 / fp32["sampled_cpu_tok_s"] - 1 / fp32["greedy_cpu_tok_s"]) * 1000
+        lines.append(f"- transformers' sampler (top-k, then top-p over a sort of all 151,646 logits, then "
+                     f"multinomial) costs {sampler_ms:.1f} ms of CPU per token at batch 1 on top of greedy.")
+    for batch in sorted({row["batch"] for row in rows}):
+        fp32_row, bf16_row = by_key.get(("float32", batch)), by_key.get(("bfloat16", batch))
+        if fp32_row and bf16_row:
+            total = bf16_row["peak_rss_mb"] / fp32_row["peak_rss_mb"]
+            model = (bf16_row["peak_rss_mb"] - bf16_row["rss_imports_mb"]) / (
+                fp32_row["peak_rss_mb"] - fp32_row["rss_imports_mb"])
+            verdict = "met" if model <= TARGET_BF16_RSS_RATIO else "missed"
+            lines.append(f"- bfloat16 peak RSS at batch {batch}: {model:.0%} of float32 for the model, "
+                         f"{total:.0%} counting the import of torch and transformers; target "
+                         f"{TARGET_BF16_RSS_RATIO:.0%} {verdict} for the model.")
+    return [*lines, ""] if lines else []
+
+
 def format_report(args, rows: list[dict], accuracy: dict) -> str:
     fp32 = {row["batch"]: row for row in rows if row["dtype"] == "float32"}
     lines = [
-        "| dtype | batch | ours tok/s | no-cache loop tok/s | speedup | speedup, CPU time | peak RSS MB | model MB | model vs float32 | load s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| dtype | batch | decoding | ours tok/s | no-cache loop tok/s | speedup | speedup in CPU time |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        for decoding in ("greedy", "sampled"):
+            ours, loop = row[f"{decoding}_tok_s"], row[f"baseline_{decoding}_tok_s"]
+            ours_cpu, loop_cpu = row[f"{decoding}_cpu_tok_s"], row[f"baseline_{decoding}_cpu_tok_s"]
+            lines.append(
+                f"| {row['dtype']} | {row['batch']} | {decoding} | {ours:.1f} | {loop:.2f} | {ours / loop:.1f}x | "
+                f"{ours_cpu / loop_cpu:.1f}x |"
+            )
+    memory = [
+        "| dtype | batch | peak RSS MB | model MB | model vs float32 | load s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         model_rss = row["peak_rss_mb"] - row["rss_imports_mb"]
         reference = fp32.get(row["batch"])
         ratio = model_rss / (reference["peak_rss_mb"] - reference["rss_imports_mb"]) if reference else float("nan")
-        lines.append(
-            f"| {row['dtype']} | {row['batch']} | {row['ours_tok_s']:.1f} | {row['baseline_tok_s']:.2f} | "
-            f"{row['ours_tok_s'] / row['baseline_tok_s']:.1f}x | "
-            f"{row['ours_cpu_tok_s'] / row['baseline_cpu_tok_s']:.1f}x | {row['peak_rss_mb']:.0f} | "
-            f"{model_rss:.0f} | {ratio:.0%} | {row['load_s']:.1f} |"
+        memory.append(
+            f"| {row['dtype']} | {row['batch']} | {row['peak_rss_mb']:.0f} | {model_rss:.0f} | {ratio:.0%} | "
+            f"{row['load_s']:.1f} |"
         )
     imports = rows[0]["rss_imports_mb"] if rows else float("nan")
     baseline_method = "every step run" if args.full_baseline else (
-        f"each step timed at {args.baseline_points} sequence lengths from {args.prompt_tokens} to "
-        f"{args.prompt_tokens + args.new_tokens - 1}, the {args.new_tokens}-step time interpolated linearly"
+        f"the forward timed at {args.baseline_points} sequence lengths from {args.prompt_tokens} to "
+        f"{args.prompt_tokens + args.new_tokens - 1} and the {args.new_tokens}-step time interpolated linearly"
     )
-    header = [
+    report = [
         "# loftey.model generate() benchmark",
         "",
         f"Command: `python benchmarks/model_generate.py` (dummy-235m, seed {args.seed}, {args.prompt_tokens}-token "
-        f"prompt, {args.new_tokens} new tokens, sampling temperature 0.7 / top_k 50 / top_p 0.95, "
-        f"{args.threads} torch thread(s) per process).",
+        f"prompt, {args.new_tokens} new tokens, {args.threads} torch thread(s) per process). Sampled decoding "
+        "uses the original README's settings: temperature 0.7, top_k 50, top_p 0.95.",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"load average {os.getloadavg()[0]:.1f} at the end of the run.",
+        f"load average {os.getloadavg()[0]:.1f} at the end of the run (other processes shared the cores).",
         f"No-cache loop: the original's method, {baseline_method}.",
-        "Times are the fastest of "
-        f"{REPEATS} runs. \"speedup, CPU time\" divides process CPU seconds instead of wall seconds, which "
-        "removes the time other processes held the cores.",
-        f"Peak RSS is VmHWM after our generate(), so it includes loading; \"model\" subtracts the {imports:.0f} MB "
-        "RSS after importing torch and transformers, the same in every row.",
+        f"Times are the fastest of {REPEATS} runs. The CPU-time speedup divides process CPU seconds instead of "
+        "wall seconds, which leaves out the time other processes held the cores.",
         "",
         *lines,
         "",
+        f"Peak RSS is VmHWM after our generate(), so it includes loading; \"model\" subtracts the {imports:.0f} MB "
+        "RSS after importing torch and transformers, the same in every row.",
+        "",
+        *memory,
+        "",
     ]
+    report += target_lines(rows)
     if accuracy:
-        header += [
+        report += [
             f"Fixed {args.prompt_tokens}-token prompt, logits at all positions, against float32 "
             f"(largest |logit| {accuracy['float32_max_abs_logit']:.3f}): "
             f"int8 largest difference {accuracy['int8_max_diff']:.4f}, argmax agreement "
@@ -253,7 +300,7 @@ def format_report(args, rows: list[dict], accuracy: dict) -> str:
             f"{accuracy['bfloat16_max_diff']:.4f}, argmax agreement {accuracy['bfloat16_argmax_agreement']:.0%}.",
             "",
         ]
-    return "\n".join(header)
+    return "\n".join(report)
 
 
 def main() -> None:

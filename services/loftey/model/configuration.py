@@ -38,7 +38,7 @@ class LofteyConfig(PreTrainedConfig):
     num_attention_heads: int = 16
     # Key/value heads K; query head h reads KV head h // (H / K).
     num_key_value_heads: int = 8
-    # Longest sequence (prompt plus generated tokens) the model was trained for.
+    # Maximum sequence length (prompt plus generated tokens) the model was trained for.
     max_seq_len: int = 512
     # Experts E per MoE layer.
     expert_num: int = 4

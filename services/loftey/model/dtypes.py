@@ -39,7 +39,7 @@ DTYPE_CHOICES = ("float32", "bfloat16", "int8")
 
 @dataclass(frozen=True)
 class ModelDtype:
-    """How weights are stored: `name` is one of DTYPE_CHOICES."""
+    """Storage choice for the weights; `name` is one of DTYPE_CHOICES."""
 
     name: str
 
@@ -49,7 +49,7 @@ class ModelDtype:
         return torch.bfloat16 if self.name == "bfloat16" else torch.float32
 
     def column_major(self, name: str) -> bool:
-        """Whether weight `name` is held as the transposed view of a contiguous [in, out] buffer."""
+        """Return whether weight `name` is held as the transposed view of a contiguous [in, out] buffer."""
         return self.name == "float32" and (name == LM_HEAD_WEIGHT or name.endswith(PROJECTION_SUFFIX))
 
     def empty_for(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:

@@ -37,7 +37,7 @@ def dummy_235m_config() -> LofteyConfig:
 
 
 def tiny_config(use_moe: bool = True, vocab_size: int = 512) -> LofteyConfig:
-    """A small config for tests: 2 layers, hidden 64, 4 heads / 2 KV heads (head dim 16), 4 experts top-2."""
+    """Return a small config for tests: 2 layers, hidden 64, 4 heads / 2 KV heads (head dim 16), 4 experts top-2."""
     return LofteyConfig(
         vocab_size=vocab_size,
         hidden_size=64,

@@ -1,6 +1,6 @@
 """Strict checkpoint loading: config.json plus safetensors, nothing else.
 
-A checkpoint folder holds `config.json` and `model.safetensors` (or shards listed in
+A checkpoint folder contains `config.json` and `model.safetensors` (or shards listed in
 `model.safetensors.index.json`). Every tensor the model expects must be in the files with
 exactly the expected shape, and the files may hold nothing else. Pickled weights
 (`pytorch_model.bin`) are never read, because unpickling can run arbitrary code.
@@ -223,11 +223,13 @@ def load_pretrained(
 ) -> nn.Module:
     """Build `cls` from a local checkpoint folder and load its weights strictly.
 
-    Steps: 1) read config.json (unless `config` is given), 2) build the model without
-    allocating weights, 3) compare the files' tensor names and shapes with the model's and
-    raise CheckpointError naming every difference, 4) read each tensor into place in the
-    requested dtype and layout, one block at a time, quantizing each block right after
-    it is read when the dtype is int8.
+    Steps:
+    1) Read config.json, unless `config` is given.
+    2) Build the model without allocating weights.
+    3) Compare the files' tensor names and shapes with the model's, and raise
+       CheckpointError naming every difference.
+    4) Read each tensor into place in the requested dtype and layout, one block at a
+       time. With int8, each block is quantized right after it is read.
 
     Args:
         dtype: "float32" (default), "bfloat16" or "int8"; see `loftey.model.dtypes`.

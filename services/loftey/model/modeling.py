@@ -44,8 +44,8 @@ def build_attention_mask(
     """Build the boolean mask [B or 1, 1, T, S] of keys each new token may attend to (True).
 
     Key j is visible to the query at position i when j <= i and `padding_mask[b, j]` is 1.
-    Every query also sees its own key: a padded query at the left edge would otherwise have
-    no visible key and its softmax would be NaN. Real queries always see their own key, so
+    Every query also attends to its own key, because a padded query at the left edge would
+    otherwise have no visible key and its softmax would be NaN. Real queries always see their own key, so
     this changes no real token's output.
 
     Args:
@@ -72,7 +72,7 @@ def build_attention_mask(
             f"got {list(padding_mask.shape)}"
         )
     visible = causal[None] & padding_mask.bool()[:, None, :]  # [B, T, S]
-    visible |= (key_pos[None, :] == query_pos[:, None])[None]  # [B, T, S], each query sees itself
+    visible |= (key_pos[None, :] == query_pos[:, None])[None]  # [B, T, S], each query attends to itself
     return visible[:, None]  # [B, 1, T, S]
 
 

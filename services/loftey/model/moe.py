@@ -19,7 +19,7 @@ class LofteyExpert(nn.Module):
     """SwiGLU feed-forward block: down(silu(gate(x)) * up(x)).
 
     One module serves as an expert of an MoE layer and as the dense FFN of a layer
-    without experts; the weight names are the same in both places.
+    without experts. The weight names are the same in both places.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):

@@ -12,12 +12,12 @@ ROUTER_NAME = "gate"
 
 
 def is_quantizable(name: str, module: nn.Module) -> bool:
-    """Whether quantize_int8 converts this submodule: a plain nn.Linear that is not a router."""
+    """Return whether quantize_int8 converts this submodule: a plain nn.Linear that is not a router."""
     return type(module) is nn.Linear and name.rsplit(".", 1)[-1] != ROUTER_NAME
 
 
 def has_quantizable_linear(module: nn.Module) -> bool:
-    """Whether quantize_int8 would convert anything inside `module`."""
+    """Return whether quantize_int8 would convert anything inside `module`."""
     return any(is_quantizable(name, child) for name, child in module.named_modules())
 
 
@@ -48,7 +48,7 @@ def quantize_int8(model: nn.Module, prefix: str = "") -> nn.Module:
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)
         quantize_dynamic(model, qconfig_spec, inplace=True)
-    # The replaced float32 modules sit in reference cycles; free them now, not at the next
-    # collection, so that loading block by block keeps one block of float32 in memory.
+    # The replaced float32 modules sit in reference cycles. Free them now rather than at the
+    # next collection, so that loading block by block keeps one block of float32 in memory.
     gc.collect()
     return model
