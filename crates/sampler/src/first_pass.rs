@@ -1,12 +1,12 @@
-//! The first pass over a row, the one that reads it from memory: its maximum, whether it
-//! contains NaN, and on request the sum of exp(x - max) and the best candidates, so that
-//! the greedy and top-k paths need no other pass over the whole row.
+//! The first pass over a row, the one that reads it from memory. It finds the maximum and
+//! any NaN, and on request the sum of exp(x - max) and the best candidates, so that the
+//! greedy and top-k paths need no other pass over the whole row.
 
 use crate::kernels::{chunk_weights, tree_sum, CHUNK, LANES};
 use crate::simd::dispatch;
 use crate::top_k::{block_max, Candidate, TopKBuffer, BLOCK};
 
-/// What the first pass found.
+/// Results of the first pass.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct FirstPass {
     /// Maximum over the non-NaN values; `-inf` when every value is `-inf` or NaN.
@@ -107,9 +107,9 @@ fn first_pass_body<const FUSED: bool>(
 }
 
 dispatch! {
-    /// Reads `row` once for its maximum and NaN, and, on request, the sum of exp(x - max)
-    /// (`with_exp_sum`) and the `top_count` best tokens (0 for none), which it writes to
-    /// `candidates` sorted best first (higher logit, ties to the lower id).
+    /// Reads `row` once for its maximum and NaN, and on request for the sum of exp(x - max)
+    /// (`with_exp_sum`) and the `top_count` best tokens (0 for none). The tokens go to
+    /// `candidates`, sorted best first (higher logit, ties to the lower id).
     pub fn first_pass(
         row: &[f32],
         with_exp_sum: bool,

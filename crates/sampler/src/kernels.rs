@@ -65,7 +65,7 @@ pub(crate) fn tree_sum(values: &[f32; CHUNK]) -> f32 {
     level[0]
 }
 
-/// Finds the element of `values` (non-negative, with a positive sum) whose interval holds
+/// Finds the element of `values` (non-negative, with a positive sum) whose interval contains
 /// `target` when the intervals are laid out in the order of [`tree_sum`]'s tree: descending
 /// from the root, go to the left child when `target` is below its sum, else subtract it and
 /// go right. Children of sum 0 are never entered, so the element found has a positive value.
@@ -248,7 +248,7 @@ dispatch! {
 /// Result of [`draw_scan`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scan {
-    /// The token whose interval holds the target.
+    /// The token whose interval contains the target.
     Token(u32),
     /// The members' weights added up to no more than the target (a target of at least
     /// their total). Holds the last member of positive weight, if any.
@@ -290,7 +290,7 @@ fn draw_scan_body<const FUSED: bool>(
 dispatch! {
     /// Lays the weights of the tokens of `row` whose weight's bit pattern is above
     /// `above_bits` end to end, chunk by chunk in id order, and finds the token whose interval
-    /// holds `target`. Sums match [`weight_sum`] bit for bit, so a target below its total
+    /// contains `target`. Sums match [`weight_sum`] bit for bit, so a target below its total
     /// always finds one.
     pub fn draw_scan(row: &[f32], max: f32, scale: f32, above_bits: u32, target: f64) -> Scan
         => draw_scan_body
@@ -319,7 +319,7 @@ fn ranked_within_body<const FUSED: bool>(
             ties += w[..end].iter().filter(|value| value.to_bits() == bits).count();
         }
 
-        // Stop as soon as the rest of the row cannot change the answer.
+        // Stop as soon as the rest of the row cannot change the result.
         let before = heavier + ties as f64 * f64::from(weight);
         if before >= target {
             return false;
@@ -334,8 +334,8 @@ fn ranked_within_body<const FUSED: bool>(
 dispatch! {
     /// Returns whether the tokens ranked before token `token` of `row` (by weight
     /// exp((x - max) * scale) descending, ties to the lower id) weigh less than `target`.
-    /// `total` must be `weight_sum(row, max, scale, 0)`: the pass stops once the weight not
-    /// yet seen cannot change the answer.
+    /// `total` must be `weight_sum(row, max, scale, 0)`, so that the pass can stop once the
+    /// weight not yet seen cannot change the result.
     pub fn ranked_within(row: &[f32], max: f32, scale: f32, token: usize, target: f64, total: f64) -> bool
         => ranked_within_body
 }
@@ -404,7 +404,7 @@ mod tests {
     }
 
     #[test]
-    fn draw_scan_gives_each_member_an_interval_of_its_weight() {
+    fn draw_scan_intervals_match_weights() {
         // Two full chunks and a partial one.
         let row = &test_row()[..2 * CHUNK + 100];
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
@@ -455,7 +455,7 @@ mod tests {
     }
 
     #[test]
-    fn collect_bucket_and_nth_with_bits_agree_with_weights() {
+    fn bucket_and_ties_match_weights() {
         let row = test_row();
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
         let mut w = Vec::new();

@@ -12,7 +12,7 @@
 //!    maximum keeps every weight in [0, 1] with the best token at exactly 1, so no
 //!    temperature, however small, overflows or gives NaN. Weights below `f32::MIN_POSITIVE`
 //!    (about 1e-38) are flushed to 0. Temperature 0 is greedy: the token with the largest
-//!    logit, ties to the lowest id, whatever the other parameters say.
+//!    logit, ties to the lowest id, whatever the other parameters are.
 //! 2. **Top-k** keeps the `top_k` tokens with the largest logits (ties to the lowest id). 0
 //!    disables it; values above V act as V.
 //! 3. **Top-p** ranks the tokens left by weight (ties to the lowest id) and keeps the
@@ -34,13 +34,18 @@
 //!
 //! # Performance
 //!
-//! No step sorts the vocabulary. Top-k keeps a buffer of candidates in one pass over the row.
-//! Without top-k, top-p finds its cut by a radix select over the weights' bit patterns: one
-//! pass builds a histogram of weight mass, and only the tokens of the bucket where the
-//! running mass reaches `top_p` are looked at again. Rows run in parallel on rayon's pool
-//! (sized by `RAYON_NUM_THREADS`, all cores by default) when the batch has more than one row.
+//! No step sorts the vocabulary. The first pass over a row finds its maximum, keeps the
+//! top-k candidates (admitting a block of logits only if its maximum beats the worst kept
+//! one) and, where needed, sums exp(x - max) for the logprobs. Without top-k, top-p with
+//! `top_p >= 0.5` draws by rejection: a token drawn from the whole row is kept if the
+//! tokens ranked before it weigh less than `top_p` of the total. Smaller `top_p`, or three
+//! rejections in a row, compute the top-p set exactly by a radix select over the weights'
+//! bit patterns, which sorts only the few tokens of the histogram bucket where the running
+//! mass reaches `top_p`. When the batch has more than one row, the calling thread and
+//! `RAYON_NUM_THREADS - 1` threads of rayon's pool (all cores by default) share the rows.
 
 mod kernels;
+mod parallel;
 mod simd;
 mod params;
 pub mod rng;
@@ -55,8 +60,6 @@ mod python;
 
 use std::cell::RefCell;
 use std::fmt;
-
-use rayon::prelude::*;
 
 pub use params::{InputError, SamplingParams};
 use params::RowPlan;
@@ -77,6 +80,9 @@ impl fmt::Display for RowError {
             RowErrorKind::Nan => write!(f, "row {}: logits contain NaN", self.row),
             RowErrorKind::AllNegativeInfinity => {
                 write!(f, "row {}: every logit is -inf, so no token can be sampled", self.row)
+            }
+            RowErrorKind::Internal => {
+                write!(f, "row {}: the sampler failed on this row (a bug: please report it)", self.row)
             }
         }
     }
@@ -144,16 +150,29 @@ pub fn sample_batch(
         return Ok(Vec::new());
     }
 
-    let sample = |(row, (logits_row, plan)): (usize, (&[f32], &RowPlan))| {
-        with_scratch(|scratch| row::sample_row(logits_row, plan, num_logprobs, scratch))
-            .map_err(|kind| RowError { row, kind })
-    };
-    let results = if plans.len() > 1 && rayon::current_num_threads() > 1 {
-        logits.par_chunks_exact(vocab_size).zip(plans.par_iter()).enumerate().map(sample).collect()
-    } else {
-        logits.chunks_exact(vocab_size).zip(plans.iter()).enumerate().map(sample).collect()
-    };
+    // The calling thread and RAYON_NUM_THREADS - 1 helpers share the rows.
+    let helpers = rayon::current_num_threads().saturating_sub(1);
+    if plans.len() > 1 && helpers > 0 {
+        return Ok(parallel::sample_rows(logits, vocab_size, plans, num_logprobs, helpers));
+    }
+    let results = logits
+        .chunks_exact(vocab_size)
+        .zip(&plans)
+        .enumerate()
+        .map(|(row, (logits_row, plan))| sample_one_row(row, logits_row, plan, num_logprobs))
+        .collect();
     Ok(results)
+}
+
+/// Samples one row, `row` of its batch, with this thread's buffers.
+fn sample_one_row(
+    row: usize,
+    logits_row: &[f32],
+    plan: &RowPlan,
+    num_logprobs: usize,
+) -> Result<RowSample, RowError> {
+    with_scratch(|scratch| row::sample_row(logits_row, plan, num_logprobs, scratch))
+        .map_err(|kind| RowError { row, kind })
 }
 
 /// Returns the distribution that [`sample_batch`] draws row 0 of `logits` from, as (token

@@ -5,14 +5,14 @@ use std::fmt;
 /// Sampling parameters of one row, as the caller gives them.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SamplingParams {
-    /// Divides the logits; 0 means greedy (argmax, ties to the lowest id). Finite, >= 0.
+    /// Divides the logits. 0 means greedy (argmax, ties to the lowest id). Finite, >= 0.
     pub temperature: f32,
-    /// Keeps the k most likely tokens; 0 disables it and values above V act as V. >= 0.
+    /// Keeps the k most likely tokens. 0 disables it, and values above V act as V. >= 0.
     pub top_k: i64,
-    /// Keeps the smallest set of most likely tokens whose probability reaches top_p; 1
-    /// disables it and 0 keeps only the most likely token. In [0, 1].
+    /// Keeps the smallest set of most likely tokens whose probability reaches top_p. 1
+    /// disables it, and 0 keeps only the most likely token. In [0, 1].
     pub top_p: f32,
-    /// Drops tokens whose probability is below min_p times the most likely one's; 0
+    /// Drops tokens whose probability is below min_p times the most likely one's. 0
     /// disables it. In [0, 1].
     pub min_p: f32,
     /// Key of the row's random generator.
@@ -75,11 +75,11 @@ pub(crate) struct RowPlan {
     pub greedy: bool,
     /// 1 / temperature, capped at f32::MAX so that a subnormal temperature stays finite.
     pub inv_temperature: f32,
-    /// Number of tokens top-k keeps, in [1, V]; V when disabled.
+    /// Number of tokens top-k keeps, in [1, V], and V when disabled.
     pub top_k: usize,
-    /// In [0, 1]; 1 when disabled.
+    /// In [0, 1], and 1 when disabled.
     pub top_p: f64,
-    /// Minimum weight relative to the best token's, in [0, 1]; 0 when disabled.
+    /// Minimum weight relative to the best token's, in [0, 1], and 0 when disabled.
     pub min_p: f32,
     pub seed: u64,
     pub step: u64,
@@ -138,7 +138,7 @@ mod tests {
     }
 
     #[test]
-    fn out_of_range_parameters_name_field_row_and_value() {
+    fn out_of_range_messages() {
         let message = |change: fn(&mut SamplingParams)| with(change).unwrap_err().to_string();
         assert_eq!(message(|p| p.top_p = 1.5), "top_p[2] = 1.5 is outside [0, 1]");
         assert_eq!(message(|p| p.top_p = f32::NAN), "top_p[2] = NaN is outside [0, 1]");

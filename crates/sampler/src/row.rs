@@ -6,13 +6,15 @@ use crate::params::RowPlan;
 use crate::support::{self, Prepared, Workspace};
 use crate::top_k::Candidate;
 
-/// Why a row could not be sampled.
+/// Reason a row could not be sampled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RowErrorKind {
     /// The row contains at least one NaN.
     Nan,
     /// Every logit of the row is `-inf`, so no token has any probability.
     AllNegativeInfinity,
+    /// The sampler panicked on this row: a bug, caught so that it cannot reach Python.
+    Internal,
 }
 
 /// The token drawn for one row.
@@ -44,7 +46,7 @@ struct Checked<'a> {
 
 /// Reads the row once (see [`first_pass`]) and checks it for NaN and all `-inf`. A row
 /// with `+inf` logits is replaced by one where those tokens have logit 0 and all others
-/// `-inf`: in the limit the `+inf` tokens share all the probability equally.
+/// `-inf`, because in the limit the `+inf` tokens share all the probability equally.
 ///
 /// The first pass also keeps the candidates that greedy decoding, top-k and the top
 /// `num_logprobs` need, and computes the logprobs' normalizer where no later pass would.
@@ -115,9 +117,9 @@ pub(crate) fn sample_row(
 }
 
 /// Returns the filtered distribution of one row as (token id, probability) pairs in id
-/// order, omitting tokens of probability 0: every token [`sample_row`] can draw, with the
-/// probability of drawing it. Where [`sample_row`] samples top-p by rejection, the two may
-/// disagree on a token whose rank puts the mass before it within rounding of top_p.
+/// order, omitting tokens of probability 0. It lists every token [`sample_row`] can draw,
+/// with the probability of drawing it. Where [`sample_row`] samples top-p by rejection, the
+/// two may disagree on a token whose preceding mass is within rounding of top_p.
 ///
 /// # Errors
 ///

@@ -16,7 +16,8 @@ impl Cut {
     /// Every token with a positive weight.
     pub const ALL_POSITIVE: Cut = Cut { threshold_bits: 0, tie_quota: 0 };
 
-    /// Every token whose weight is at least `min_weight` (a positive float).
+    /// Returns the cut that keeps every token whose weight is at least `min_weight` (a
+    /// positive float).
     pub fn at_least(min_weight: f32) -> Cut {
         Cut { threshold_bits: min_weight.to_bits().saturating_sub(1), tie_quota: 0 }
     }
@@ -43,7 +44,7 @@ pub struct TopP {
 /// whose weights sum to at least `top_p` times the total weight, keeping at least one token.
 ///
 /// The weights are exp((x - max) * scale) over `row`, in [0, 1], and `histogram` is their
-/// coarse histogram from `kernels::weights_histogram`; `masses` and `items` are scratch
+/// coarse histogram from `kernels::weights_histogram`. `masses` and `items` are scratch
 /// buffers. Weights are non-negative, so their bit patterns sort like their values: the cut
 /// is found bucket by bucket on those bits (a radix select), never sorting more than a few
 /// items.
@@ -141,7 +142,7 @@ mod tests {
     }
 
     #[test]
-    fn top_p_cut_of_equal_weights_counts_ties_by_id() {
+    fn top_p_cut_counts_ties_by_id() {
         let row = vec![0.0f32; 1000];
         let (cut, _) = cut_of(&row, 0.25);
         assert_eq!(cut, Cut { threshold_bits: 1.0f32.to_bits(), tie_quota: 250 });
@@ -152,7 +153,7 @@ mod tests {
     }
 
     #[test]
-    fn top_p_cut_keeps_the_single_best_for_tiny_p() {
+    fn top_p_cut_tiny_p_keeps_best() {
         let row: Vec<f32> = (0..10_000).map(|i| -((i * 31 % 10_000) as f32) * 1e-3).collect();
         let (cut, _) = cut_of(&row, 1e-9);
         assert_eq!(cut, Cut { threshold_bits: 1.0f32.to_bits(), tie_quota: 1 });
