@@ -154,7 +154,7 @@ def run_executors(model_dir: Path, config, dtype_name: str, args) -> dict:
 
 
 def rss_rows(model_dir: Path, config, groups: list[int]) -> list[tuple]:
-    """Start G actors for each G (and one holding no experts) and return their memory figures."""
+    """Start G actors for each G, and one actor with no experts; return their memory figures."""
     import ray
 
     from loftey.forward.ray_actor import ExpertGroupActor
@@ -178,7 +178,7 @@ def rss_rows(model_dir: Path, config, groups: list[int]) -> list[tuple]:
     return [(0, baseline, 0.0), *rows]
 
 
-def write_report(path: Path, args, step_results: dict, rss: list[tuple], config) -> str:
+def write_report(path: Path, args, step_results: dict, rss: list[tuple], config, load_before: float) -> str:
     import ray
     import torch
 
@@ -191,7 +191,8 @@ def write_report(path: Path, args, step_results: dict, rss: list[tuple], config)
         f"torch {torch.__version__}, Ray {ray.__version__}, Python {platform.python_version()}; "
         f"model dummy-235m ({config.num_layers} layers, {config.expert_num} experts top-{config.topk}); "
         f"G = {GROUPS}; one torch thread per process; {args.rounds} interleaved rounds of {args.steps} "
-        f"decode steps and {args.layer_repeats} layer calls per executor and batch size.",
+        f"decode steps and {args.layer_repeats} layer calls per executor and batch size. "
+        f"Load average (1 min) of the machine: {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.",
         "",
         "## Decode step, ms: minimum (median)",
         "",
@@ -249,7 +250,7 @@ def write_report(path: Path, args, step_results: dict, rss: list[tuple], config)
             "",
             "## Memory per expert actor, float32, right after loading",
             "",
-            "G 0 is an actor holding no experts: the process's own baseline (Python, torch, Ray).",
+            "G 0 is an actor with no experts: the baseline of the process itself (Python, torch, Ray).",
             "",
             "| G | group | experts | expert MiB | share of expert bytes | RSS MiB | USS MiB | USS − baseline USS, MiB |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -291,10 +292,11 @@ def main() -> None:
     model_dir = ensure_dummy_235m()
     config = load_config(model_dir)
     init_ray(num_cpus=os.cpu_count())
+    load_before = os.getloadavg()[0]
 
     step_results = {dtype_name: run_executors(model_dir, config, dtype_name, args) for dtype_name in args.dtypes}
     rss = rss_rows(model_dir, config, args.rss_groups) if args.rss_groups else []
-    print(write_report(args.output, args, step_results, rss, config))
+    print(write_report(args.output, args, step_results, rss, config, load_before))
 
 
 if __name__ == "__main__":

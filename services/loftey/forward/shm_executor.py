@@ -11,11 +11,14 @@ attempts and time.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import time
 import uuid
+from pathlib import Path
 
+import psutil
 import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError
@@ -29,6 +32,26 @@ logger = logging.getLogger(__name__)
 
 # Rows one shared-memory call carries at most; a larger call goes in several.
 DEFAULT_MAX_ROWS = 2048
+# Buffer files and socket folders are named FILE_PREFIX + the owner's pid + "-...".
+FILE_PREFIX = "loftey-experts-"
+SOCKET_PARENT = "/tmp"
+
+
+def remove_stale_files() -> None:
+    """Delete the buffer files and socket folders of forward processes that no longer run.
+
+    close() deletes a process's own, but a killed process leaves them behind.
+    """
+    for folder in (default_buffer_dir(), Path(SOCKET_PARENT)):
+        for path in folder.glob(f"{FILE_PREFIX}*"):
+            pid = path.name[len(FILE_PREFIX) :].split("-", 1)[0]
+            if not pid.isdigit() or psutil.pid_exists(int(pid)):
+                continue
+            logger.info("removing %s, left by forward process %s", path, pid)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 class SharedMemoryExecutor(RayCallsExecutor):
@@ -44,8 +67,9 @@ class SharedMemoryExecutor(RayCallsExecutor):
 
     def start(self) -> None:
         super().start()
+        remove_stale_files()
         # Unix socket paths are limited to about 100 bytes, so they go in a short /tmp folder.
-        self.socket_dir = tempfile.mkdtemp(prefix="loftey-experts-", dir="/tmp")
+        self.socket_dir = tempfile.mkdtemp(prefix=f"{FILE_PREFIX}{os.getpid()}-", dir=SOCKET_PARENT)
         local_node = ray.get_runtime_context().get_node_id()
         wire_dtype = "int16" if self.torch_dtype == torch.bfloat16 else "float32"
         token = uuid.uuid4().hex[:12]
@@ -56,7 +80,7 @@ class SharedMemoryExecutor(RayCallsExecutor):
                 self.channels.append(None)
                 continue
             spec = ChannelSpec(
-                buffer_path=str(default_buffer_dir() / f"loftey-experts-{token}-g{group}"),
+                buffer_path=str(default_buffer_dir() / f"{FILE_PREFIX}{os.getpid()}-{token}-g{group}"),
                 socket_path=f"{self.socket_dir}/g{group}.sock",
                 max_rows=self.max_rows,
                 hidden_size=self.config.hidden_size,
