@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from model_helpers import left_pad, random_prompts
+from safetensors.torch import load_file
 
 from loftey.model import LofteyConfig, LofteyForCausalLM, convert_model, parse_model_dtype
 
@@ -99,3 +100,25 @@ def test_fresh_model_converts_to_float32_layout():
     model = convert_model(LofteyForCausalLM(config), "float32")
 
     assert model.lm_head.weight.stride() == (1, 64)
+
+
+def test_auto_dtype_follows_files(tiny_checkpoint, tmp_path):
+    from loftey.model.dummy import tiny_config, write_dummy_checkpoint
+
+    bf16_folder = write_dummy_checkpoint(tmp_path / "bf16", tiny_config(), seed=1, dtype=torch.bfloat16)
+
+    assert LofteyForCausalLM.from_pretrained(tiny_checkpoint, dtype="auto").lm_head.weight.dtype == torch.float32
+    assert LofteyForCausalLM.from_pretrained(bf16_folder, dtype="auto").lm_head.weight.dtype == torch.bfloat16
+
+
+def test_bfloat16_file_loads_as_float32(tiny_checkpoint, tmp_path, batch):
+    from loftey.model.dummy import tiny_config, write_dummy_checkpoint
+
+    bf16_folder = write_dummy_checkpoint(tmp_path / "bf16", tiny_config(), seed=1, dtype=torch.bfloat16)
+    model = LofteyForCausalLM.from_pretrained(bf16_folder)
+    stored = load_file(str(bf16_folder / "model.safetensors"))
+
+    assert model.lm_head.weight.dtype == torch.float32
+    assert torch.equal(model.lm_head.weight, stored["lm_head.weight"].float())
+    assert torch.equal(model.model.layers[1].mlp.experts[2].down_proj.weight, stored["model.layers.1.mlp.experts.2.down_proj.weight"].float())
+    assert torch.isfinite(logits_of(model, batch)).all()

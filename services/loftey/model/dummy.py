@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -130,5 +131,13 @@ def ensure_dummy_235m(seed: int = 0, folder: str | os.PathLike | None = None) ->
     # Write beside the target and rename, so an interrupted write never looks complete.
     partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     write_dummy_checkpoint(partial, dummy_235m_config(), seed=seed)
-    os.replace(partial, folder)
+    if folder.exists() and not (folder / WEIGHTS_NAME).is_file():
+        shutil.rmtree(folder)  # an incomplete folder from an older, interrupted writer
+    try:
+        os.replace(partial, folder)
+    except OSError:
+        # Another process finished the same checkpoint first; its copy is identical.
+        shutil.rmtree(partial)
+        if not (folder / WEIGHTS_NAME).is_file():
+            raise
     return folder

@@ -169,6 +169,12 @@ def group_by_block(names) -> list[tuple[str, list[str]]]:
     return list(blocks.items())
 
 
+def dtype_of_files(located: dict[str, SafetensorsFile]) -> ModelDtype:
+    """Pick the dtype that `dtype="auto"` means: bfloat16 if every tensor is stored so, else float32."""
+    stored = {weights.entries[name][0] for name, weights in located.items()}
+    return parse_model_dtype("bfloat16" if stored == {torch.bfloat16} else "float32")
+
+
 def read_config(folder: Path) -> LofteyConfig:
     """Read `config.json` of a checkpoint folder into a LofteyConfig."""
     path = folder / CONFIG_NAME
@@ -232,7 +238,8 @@ def load_pretrained(
        time. With int8, each block is quantized right after it is read.
 
     Args:
-        dtype: "float32" (default), "bfloat16" or "int8"; see `loftey.model.dtypes`.
+        dtype: "float32" (default), "bfloat16" or "int8"; see `loftey.model.dtypes`. "auto"
+            means bfloat16 when the files store every tensor in bfloat16, else float32.
         torch_dtype: older name of `dtype`.
         device_map: only None or "cpu"; the model runs on CPU.
     """
@@ -241,7 +248,9 @@ def load_pretrained(
         raise TypeError(f"from_pretrained got unexpected keyword arguments: {', '.join(unknown)}")
     if device_map not in (None, "cpu"):
         raise ValueError(f"device_map must be None or 'cpu', got {device_map!r}")
-    model_dtype = parse_model_dtype(dtype if dtype is not None else torch_dtype)
+    requested_dtype = dtype if dtype is not None else torch_dtype
+    if requested_dtype != "auto":
+        model_dtype = parse_model_dtype(requested_dtype)
     folder = Path(pretrained_model_name_or_path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder; pass the path of a local checkpoint folder")
@@ -264,6 +273,8 @@ def load_pretrained(
                 raise CheckpointError(f"tensor {name} appears in both {located[name].path} and {weights.path}")
             located[name] = weights
     check_tensors(expected, {name: f.entries[name][1] for name, f in located.items()}, folder, config)
+    if requested_dtype == "auto":
+        model_dtype = dtype_of_files(located)
 
     # 4) read block by block (embedding, each decoder layer, final norm, lm_head) and put
     # each block in its inference form at once, so that int8 holds one block in float32
