@@ -259,8 +259,8 @@ def write_results_md(meta: dict, results: list[RunResult]) -> None:
     sweep = [r for r in results if is_sweep_point(r)]
     grid = [r for r in results if is_grid_point(r)]
     command = "python benchmarks/run_all.py" + (" --quick" if settings.name == "quick" else "")
-    workloads = "; ".join(sorted({f"c={report.point_of(r)['concurrency']}: {r.workload}" for r in sweep
-                                  if not report.is_baseline(r)}))
+    requests_by_level = sorted({(report.point_of(r)["concurrency"], r.summary.num_requests) for r in sweep})
+    workloads = ", ".join(f"{count} at c={level}" for level, count in requests_by_level)
 
     parts = [
         "# Benchmark results",
@@ -286,7 +286,7 @@ def write_results_md(meta: dict, results: list[RunResult]) -> None:
         f"static batches of c, one torch thread, as each service uses. Definitions of TTFT, TPOT, ITL and "
         f"throughput are vLLM's `bench serve` ones (see `services/loftey/bench/metrics.py`).",
         "",
-        f"Workloads: {workloads}.",
+        f"Measured requests per point: {workloads}.",
         "",
         f"## 1. Throughput and latency against concurrency (G = {SWEEP_GROUPS}, `{SWEEP_EXECUTOR}` executor)",
         "",
@@ -319,7 +319,8 @@ def write_results_md(meta: dict, results: list[RunResult]) -> None:
         "## 5. Where a decode step spends its time",
         "",
         f"In-process profile of `ForwardEngine.step` with {profiles[0].context_tokens}-token contexts "
-        f"(`loftey bench profile`), mean of {profiles[0].steps} decode steps per row:",
+        f"(`loftey bench profile`): each stage's median over {profiles[0].steps} decode steps, and the step as "
+        f"their sum:",
         "",
         f"![decode step by stage]({plot_paths['profile']})",
         "",

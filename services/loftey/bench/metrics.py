@@ -5,8 +5,8 @@ Definitions follow vLLM's `bench serve`:
 - TTFT: from sending a request to the first response chunk that carries tokens.
 - ITL (inter-token latency): the gaps between successive token-bearing chunks. A chunk
   that carries k tokens counts as k gaps of (its gap / k), and extra tokens in the first
-  chunk as gaps of 0, so a request with n tokens gives n - 1 values summing to the time
-  from its first to its last token.
+  chunk count as gaps of 0. So a request with n tokens gives n - 1 values, which sum to
+  the time from its first to its last token.
 - TPOT (time per output token): (e2e latency - TTFT) / (output tokens - 1), per request
   with at least 2 tokens.
 - E2E latency: from sending to the end of the stream (or the error).
@@ -30,7 +30,7 @@ PERCENTILES = (50, 90, 99)
 
 @dataclass
 class RequestRecord:
-    """What the client saw of one request; times are time.perf_counter() seconds."""
+    """Client-side timeline of one request, in time.perf_counter() seconds."""
 
     index: int
     sent_at: float

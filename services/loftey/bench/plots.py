@@ -117,18 +117,22 @@ def plot_expert_load(results: list[RunResult], path: Path, title: str = "") -> P
 
 
 def plot_profile(profiles: list[StageProfile], path: Path, title: str = "") -> Path:
-    """Stacked bars of milliseconds per decode step by stage, one bar per (executor, dtype, B)."""
-    figure, axis = plt.subplots(figsize=(9, 5))
-    labels = [f"{p.executor} {p.dtype}\nB={p.batch_size}" for p in profiles]
-    bottom = np.zeros(len(profiles))
+    """Horizontal bars of each stage's share of a decode step, one bar per (executor, dtype, B)."""
+    figure, axis = plt.subplots(figsize=(10, 0.6 * len(profiles) + 2))
+    labels = [f"{p.executor} {p.dtype} B={p.batch_size}\n{p.step_ms:.0f} ms/step" for p in profiles]
+    left = np.zeros(len(profiles))
     for index, stage in enumerate(STAGES):
-        values = np.array([p.stage_ms[stage] for p in profiles])
-        axis.bar(range(len(profiles)), values, bottom=bottom, label=stage, color=plt.cm.tab10(index))
-        bottom += values
-    axis.set_xticks(range(len(profiles)), labels, fontsize=8)
-    axis.set_ylabel("ms per decode step")
-    axis.set_yscale("log")
-    axis.legend(fontsize=8)
+        shares = np.array([p.stage_ms[stage] / p.step_ms if p.step_ms else 0.0 for p in profiles])
+        axis.barh(range(len(profiles)), shares, left=left, label=stage, color=plt.cm.tab10(index))
+        for row, share in enumerate(shares):
+            if share > 0.07:
+                axis.text(left[row] + share / 2, row, f"{share:.0%}", ha="center", va="center", fontsize=8)
+        left += shares
+    axis.set_yticks(range(len(profiles)), labels, fontsize=8)
+    axis.invert_yaxis()
+    axis.set_xlim(0, 1)
+    axis.set_xlabel("share of the decode step")
+    axis.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.15))
     if title:
         axis.set_title(title)
     return _save(figure, path)

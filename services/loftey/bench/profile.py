@@ -21,6 +21,7 @@ steps (operators grouped by input shape) backs the stage split.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -41,7 +42,7 @@ FORWARD_STAGE = "dense forward"
 
 @dataclass
 class StageProfile:
-    """Mean milliseconds per decode step of each stage, at one batch size."""
+    """Milliseconds per decode step of each stage (median over the steps), at one batch size."""
 
     executor: str
     dtype: str
@@ -148,11 +149,16 @@ def instrumented(engine, timer: StageTimer) -> Iterator[None]:
         dense_module.RaggedBatch.build = classmethod(original_build)
 
 
-def _stage_means(timer: StageTimer, step_seconds: float, steps: int) -> dict[str, float]:
-    stage_ms = {name: timer.seconds.get(name, 0.0) / steps * MS_PER_S for name in STAGES}
-    stage_ms["other dense"] = timer.seconds.get(FORWARD_STAGE, 0.0) / steps * MS_PER_S
-    stage_ms["bookkeeping"] = max(step_seconds / steps * MS_PER_S - sum(stage_ms.values()), 0.0)
+def _step_stages(timer: StageTimer, step_seconds: float) -> dict[str, float]:
+    """Return one step's milliseconds per stage; bookkeeping is what the timed stages leave of the step."""
+    stage_ms = {name: timer.seconds.get(name, 0.0) * MS_PER_S for name in STAGES}
+    stage_ms["other dense"] = timer.seconds.get(FORWARD_STAGE, 0.0) * MS_PER_S
+    stage_ms["bookkeeping"] = max(step_seconds * MS_PER_S - sum(stage_ms.values()), 0.0)
     return stage_ms
+
+
+def _median_stages(per_step: list[dict[str, float]]) -> dict[str, float]:
+    return {name: statistics.median(step[name] for step in per_step) for name in STAGES}
 
 
 def top_operators(engine, plan_factory, steps: int) -> list[dict]:
@@ -178,7 +184,9 @@ def top_operators(engine, plan_factory, steps: int) -> list[dict]:
 def profile_engine(engine, batch_size: int, context_tokens: int, steps: int, seed: int = 0) -> tuple[float, dict, list]:
     """Time `steps` decode steps of `batch_size` sequences that each start with `context_tokens` prompt tokens.
 
-    Returns (mean step ms, stage ms per step, top operators). Releases the sequences after.
+    Returns (step ms, stage ms, top operators), where each stage's figure is its median over
+    the steps and the step's is their sum: a burst of load from other processes slows a few
+    steps, and medians keep it out of the split. Releases the sequences after.
     """
     import torch
 
@@ -200,15 +208,18 @@ def profile_engine(engine, batch_size: int, context_tokens: int, steps: int, see
             engine.step(StepPlan(decode_ids=ids))
 
         timer = StageTimer()
+        per_step = []
         with instrumented(engine, timer):
-            started = time.perf_counter()
             for _ in range(steps):
+                timer.reset()
+                started = time.perf_counter()
                 engine.step(StepPlan(decode_ids=ids))
-            elapsed = time.perf_counter() - started
+                per_step.append(_step_stages(timer, time.perf_counter() - started))
         operators = top_operators(engine, lambda: StepPlan(decode_ids=ids), PROFILER_STEPS)
     finally:
         engine.release(ids)
-    return elapsed / steps * MS_PER_S, _stage_means(timer, elapsed, steps), operators
+    stage_ms = _median_stages(per_step)
+    return sum(stage_ms.values()), stage_ms, operators
 
 
 def profile_decode(

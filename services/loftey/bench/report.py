@@ -41,7 +41,7 @@ def format_errors(errors: dict[str, int]) -> str:
 
 
 def summary_table(results: list[RunResult]) -> str:
-    """One row per run: throughput and latency percentiles (ms)."""
+    """Tabulate throughput and latency percentiles (ms), one row per run."""
     header = [
         "run", "dtype", "G", "executor", "c", "done", "errors", "req/s", "out tok/s",
         "TTFT mean", "TTFT p50", "TTFT p90", "TTFT p99", "TPOT mean", "TPOT p99", "ITL mean", "ITL p50",
@@ -65,11 +65,11 @@ def summary_table(results: list[RunResult]) -> str:
 
 
 def expert_load_table(results: list[RunResult]) -> str:
-    """Per-expert-group token shares and imbalance, and the step timings the server reported."""
+    """Tabulate per-expert-group token shares and imbalance, and the step timings the server reported."""
     header = [
         "dtype", "G", "executor", "c", "group token shares", "group imbalance (max/mean)",
         "worst layer's expert imbalance", "expert shares (E0..E3)", "mean batch", "step ms (orchestrator view)",
-        "expert calls ms/step", "detokenize ms/step",
+        "expert-group calls ms/step (summed over groups)", "detokenize ms/step",
     ]
     rows = []
     for result in results:
@@ -106,7 +106,7 @@ def baseline_pairs(results: list[RunResult]) -> list[tuple[RunResult, RunResult]
 
 
 def baseline_ratio_table(results: list[RunResult]) -> str:
-    """Server against transformers on the same workload: throughput ratio and latencies."""
+    """Tabulate the server against transformers on the same workload: throughput ratio and latencies."""
     header = [
         "dtype", "G", "executor", "c", "loftey out tok/s", "transformers out tok/s", "ratio",
         "loftey TTFT p50", "transformers TTFT p50", "loftey TPOT mean", "transformers TPOT mean",
@@ -127,7 +127,7 @@ def baseline_ratio_table(results: list[RunResult]) -> str:
 
 
 def profile_table(profiles: list[StageProfile]) -> str:
-    """Milliseconds per decode step of each stage, with its share of the step."""
+    """Tabulate milliseconds per decode step of each stage, with its share of the step."""
     header = ["executor", "dtype", "G", "B", "step ms", *STAGES, "costliest"]
     rows = []
     for profile in profiles:
@@ -147,7 +147,7 @@ def operators_table(profile: StageProfile, limit: int = 6) -> str:
 
 
 def py_spy_table(results: list[RunResult]) -> str:
-    """Share of the forward service's busy samples per stage, for runs profiled with py-spy."""
+    """Tabulate the forward service's busy samples per stage, for runs profiled with py-spy."""
     profiled = [r for r in results if r.extra.get("py_spy")]
     stages = sorted({stage for r in profiled for stage in r.extra["py_spy"]["samples"]},
                     key=lambda stage: -sum(r.extra["py_spy"]["samples"].get(stage, 0) for r in profiled))
@@ -161,7 +161,7 @@ def py_spy_table(results: list[RunResult]) -> str:
 
 
 def run_report(results: list[RunResult]) -> str:
-    """The markdown report of a `loftey bench serve` or `sweep` run."""
+    """Build the markdown report of a `loftey bench serve` or `sweep` run."""
     parts = ["## Serving metrics (ms unless stated)", "", summary_table(results), ""]
     if any(r.server for r in results):
         parts += ["## Expert-group load and step timings", "", expert_load_table(results), ""]

@@ -3,10 +3,10 @@
 Requests go out in workload order. With a finite request rate, the gaps between sends
 are drawn from a gamma distribution with shape `burstiness` and mean 1 / rate, as in
 vLLM's `bench serve`. Shape 1 is a Poisson process, below 1 the arrivals come in
-bursts, and above 1 they come more evenly. A concurrency limit caps the requests in flight; a request that
-arrives while the cap is reached waits for a free place, and its clock starts when it
-is sent. The raw stubs are used instead of loftey.client to keep client overhead out of
-the timings.
+bursts, and above 1 they come more evenly. A concurrency limit caps the requests in
+flight. A request that arrives at the cap waits for a free place, and its clock starts
+when it is sent. The raw stubs are used instead of loftey.client to keep client
+overhead out of the timings.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Two sources, read before and after the measured requests and subtracted:
 
 - the orchestrator's Prometheus endpoint: step, batch-size and detokenize histograms,
-  and the expert-group gauges it copies from Forward.GetStats every few seconds (so
-  those lag; `ServerProbe.settle` waits for a fresh copy);
+  and the expert-group gauges it copies from Forward.GetStats every few seconds. Those
+  gauges lag, so `ServerProbe.settle` waits for a fresh copy.
 - Forward.GetStats on the forward service, when its address is known (sweeps start the
   services themselves): exact expert counters and the step count.
 """
@@ -55,7 +55,7 @@ class ServerSnapshot:
 
 @dataclass(frozen=True)
 class ServerLoad:
-    """What the server did during the measured requests (the difference of two snapshots)."""
+    """Server activity during the measured requests: the difference of two snapshots."""
 
     source: str
     group_tokens: dict[int, float]
@@ -69,7 +69,7 @@ class ServerLoad:
     max_layer_imbalance: float
     steps: float
     mean_batch_size: float
-    # Forward.Step as the orchestrator sees it, gRPC included.
+    # Forward.Step as the orchestrator measures it, gRPC included.
     mean_step_ms: float
     mean_detokenize_ms: float
     # Wall time of expert-group calls per step, summed over groups (they may overlap).
@@ -99,7 +99,7 @@ def imbalance(counts: list[float]) -> float:
 def parse_prometheus(text: str) -> ServerSnapshot:
     """Read the expert-group gauges and the HISTOGRAMS' sums and counts from a /metrics page."""
     snapshot = ServerSnapshot()
-    wanted = {name: key for key, name in HISTOGRAMS.items()}
+    histogram_keys = {name: key for key, name in HISTOGRAMS.items()}
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
@@ -108,10 +108,10 @@ def parse_prometheus(text: str) -> ServerSnapshot:
                 snapshot.group_tokens[int(sample.labels["group"])] = sample.value
             elif sample.name == "loftey:expert_group_busy_seconds":
                 snapshot.group_busy_s[int(sample.labels["group"])] = sample.value
-            elif sample.name.endswith("_sum") and sample.name[: -len("_sum")] in wanted:
-                sums[wanted[sample.name[: -len("_sum")]]] = sample.value
-            elif sample.name.endswith("_count") and sample.name[: -len("_count")] in wanted:
-                counts[wanted[sample.name[: -len("_count")]]] = sample.value
+            elif sample.name.endswith("_sum") and sample.name[: -len("_sum")] in histogram_keys:
+                sums[histogram_keys[sample.name[: -len("_sum")]]] = sample.value
+            elif sample.name.endswith("_count") and sample.name[: -len("_count")] in histogram_keys:
+                counts[histogram_keys[sample.name[: -len("_count")]]] = sample.value
     snapshot.histograms = {key: (sums[key], counts.get(key, 0.0)) for key in sums}
     return snapshot
 

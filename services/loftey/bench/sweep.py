@@ -51,7 +51,9 @@ class SweepPoint:
 
     @property
     def label(self) -> str:
-        return f"{self.model} {self.dtype} G={self.expert_groups} {self.executor} c={self.concurrency}"
+        # A checkpoint folder is named by its last component, as GetModelInfo names it.
+        name = Path(self.model).name
+        return f"{name} {self.dtype} G={self.expert_groups} {self.executor} c={self.concurrency}"
 
     @property
     def slug(self) -> str:

@@ -90,7 +90,7 @@ class BenchRequest:
 
 @dataclass(frozen=True)
 class WorkloadSpec:
-    """What to send: a dataset file or synthetic prompts, how many, and how long the outputs are."""
+    """Workload definition: a dataset file or synthetic prompts, their count, and the output lengths."""
 
     num_prompts: int = 64
     # Chat prompts file (.jsonl, .json in ShareGPT form, or .txt); None for synthetic token-id prompts.
