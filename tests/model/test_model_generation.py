@@ -116,3 +116,18 @@ def test_labels_give_next_token_loss(model):
 
     expected = torch.nn.functional.cross_entropy(output.logits[0, :-1], input_ids[0, 1:])
     torch.testing.assert_close(output.loss, expected)
+
+
+def test_generate_feeds_one_token_per_step(model, monkeypatch):
+    input_ids, attention_mask = left_pad(random_prompts([4, 9], model.config.vocab_size, seed=18))
+    widths = []
+    forward = type(model.model).forward
+
+    def recording_forward(self, input_ids=None, **kwargs):
+        widths.append(input_ids.shape[1])
+        return forward(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(type(model.model), "forward", recording_forward)
+    greedy(model, input_ids, attention_mask, use_cache=True, new_tokens=6)
+
+    assert widths == [9, 1, 1, 1, 1, 1]

@@ -33,7 +33,7 @@ DUMMY_INIT_STD = 0.02
 
 
 def dummy_235m_config() -> LofteyConfig:
-    """Config with the exact shapes of the published 235M model (235,520,512 parameters)."""
+    """Return the config with the exact shapes of the published 235M model (235,520,512 parameters)."""
     return LofteyConfig()
 
 
@@ -55,7 +55,7 @@ def tiny_config(use_moe: bool = True, vocab_size: int = 512) -> LofteyConfig:
 
 
 def published_tensor_shapes(config: LofteyConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor of a published checkpoint, written out from the published layout."""
+    """Return name -> shape of every tensor of a published checkpoint, written out from the published layout."""
     hidden, inner, head_dim = config.hidden_size, config.intermediate_size, config.head_dim
     q_width = config.num_attention_heads * head_dim
     kv_width = config.num_key_value_heads * head_dim
@@ -86,7 +86,7 @@ def published_tensor_shapes(config: LofteyConfig) -> dict[str, tuple[int, ...]]:
 
 
 def random_state_dict(config: LofteyConfig, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Seeded random tensors for every published name: norms near 1, everything else N(0, 0.02)."""
+    """Draw seeded random tensors for every published name: norms near 1, everything else N(0, 0.02)."""
     generator = torch.Generator().manual_seed(seed)
     state = {}
     for name, shape in published_tensor_shapes(config).items():

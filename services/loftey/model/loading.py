@@ -33,7 +33,7 @@ WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 PICKLED_WEIGHTS_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
-# Upper bound on the temporary buffer used while converting a tensor's dtype on load.
+# Upper bound on the temporary buffer used while converting a tensor's dtype or layout on load.
 READ_CHUNK_BYTES = 64 * 1024 * 1024
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
