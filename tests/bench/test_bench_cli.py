@@ -12,7 +12,7 @@ from bench_fakes import TimedGeneration, start_timed_server
 from typer.testing import CliRunner
 
 from loftey.bench.runner import LoadSettings
-from loftey.bench.sweep import SweepPoint, run_point
+from loftey.bench.sweep import SweepPoint, metrics_url_from_log, run_point
 from loftey.bench.workload import LengthDistribution, WorkloadSpec
 from loftey.cli import app
 
@@ -105,3 +105,16 @@ def test_sweep_point_counts_expert_load(tiny_checkpoint, tmp_path):
     assert server.mean_step_ms > 0
     assert server.mean_batch_size >= 1
     assert result.extra["point"]["executor"] == "local"
+
+
+def test_metrics_url_from_appended_log(tmp_path):
+    log = tmp_path / "orchestrator.log"
+    log.write_text(
+        "INFO loftey.orchestrator.metrics: metrics at http://127.0.0.1:1111/metrics\n"
+        "INFO loftey.orchestrator.server: stopping\n"
+        "INFO loftey.orchestrator.metrics: metrics at http://127.0.0.1:2222/metrics\n"
+    )
+    assert metrics_url_from_log(log) == "http://127.0.0.1:2222/metrics"
+    empty = tmp_path / "empty.log"
+    empty.write_text("nothing here\n")
+    assert metrics_url_from_log(empty) is None

@@ -82,9 +82,12 @@ def sweep_points(
 
 
 def metrics_url_from_log(log_path: Path) -> str | None:
-    """Return the /metrics URL the orchestrator logged, or None when its log has none."""
-    match = METRICS_LOG_LINE.search(log_path.read_text(encoding="utf-8", errors="replace"))
-    return match.group(1) if match else None
+    """Return the /metrics URL the orchestrator logged last, or None when its log has none.
+
+    The launcher appends to an existing log file, so earlier runs' addresses may precede it.
+    """
+    matches = METRICS_LOG_LINE.findall(log_path.read_text(encoding="utf-8", errors="replace"))
+    return matches[-1] if matches else None
 
 
 @contextmanager
