@@ -39,7 +39,7 @@ demo: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/loftey serve
 
-# Regenerate benchmarks/RESULTS.md and benchmarks/plots/ (about 20-30 minutes on 2 cores;
+# Regenerate benchmarks/RESULTS.md and benchmarks/plots/ (an estimate: about 30 minutes on 2 cores;
 # bench-quick runs fewer points, requests and tokens).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

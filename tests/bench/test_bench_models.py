@@ -75,3 +75,15 @@ def test_profile_stages_add_up(tiny_checkpoint):
     # The instrumentation is gone afterwards.
     assert dense_module.F is F
     assert engine_module.sample_rows is sample_rows
+
+
+def test_baseline_keeps_fastest_repeat(tiny_checkpoint):
+    spec = WorkloadSpec(num_prompts=2, prompt_len=LengthDistribution.parse("4"), output_len=LengthDistribution.parse("3"))
+    requests = workload_for(spec, local_model_info(tiny_checkpoint))
+    load = LoadSettings(concurrency=2)
+    result = run_baseline(tiny_checkpoint, "float32", requests, spec, load, 2, repeats=2, progress=False)
+
+    throughputs = result.extra["repeats_output_throughput"]
+    assert len(throughputs) == 2
+    assert result.summary.output_throughput == max(throughputs)
+    assert len(result.records) == 2

@@ -60,6 +60,9 @@ ModelOption = Annotated[
 BaselineThreadsOption = Annotated[
     int, typer.Option("--baseline-threads", min=1, help="torch threads of the transformers baseline (services use 1).")
 ]
+BaselineRepeatsOption = Annotated[
+    int, typer.Option("--baseline-repeats", min=1, help="Runs of the baseline per point; the fastest is kept.")
+]
 
 
 def _int_list(text: str, name: str) -> list[int]:
@@ -226,6 +229,7 @@ def bench_sweep(
         bool, typer.Option("--baseline/--no-baseline", help="Run transformers' generate() on each point's workload.")
     ] = True,
     baseline_threads: BaselineThreadsOption = 1,
+    baseline_repeats: BaselineRepeatsOption = 1,
     py_spy: Annotated[
         str, typer.Option("--py-spy", help="Comma-separated concurrencies whose points are sampled with py-spy; "
                           "empty for none.")
@@ -250,7 +254,8 @@ def bench_sweep(
         level_spec = spec if num_prompts else replace(spec, num_prompts=max(4 * level, 8))
         level_points = [p for p in points if p.concurrency == level]
         results += run_sweep(level_points, level_spec, load, folder, warmup=warmup, baseline=baseline,
-                             baseline_threads=baseline_threads, progress=progress,
+                             baseline_threads=baseline_threads, baseline_repeats=baseline_repeats,
+                             progress=progress,
                              py_spy_points=frozenset(p for p in level_points if p.concurrency in profiled),
                              results_name=f"sweep-c{level}.json")
     _write_sweep_outputs(folder, results)

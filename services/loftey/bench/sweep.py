@@ -162,6 +162,7 @@ def run_sweep(
     warmup: int,
     baseline: bool = True,
     baseline_threads: int = 1,
+    baseline_repeats: int = 1,
     progress: bool = True,
     py_spy_points: frozenset[SweepPoint] = frozenset(),
     results_name: str = "sweep.json",
@@ -189,14 +190,14 @@ def run_sweep(
             if model not in infos:
                 continue
             results.append(run_baseline_point(model, dtype, concurrency, spec, load, infos[model],
-                                              baseline_threads, progress))
+                                              baseline_threads, progress, baseline_repeats))
             write_results(out_dir / results_name, results)
     return results
 
 
 def run_baseline_point(
     model: str, dtype: str, concurrency: int, spec: WorkloadSpec, load: LoadSettings, info: dict, threads: int,
-    progress: bool,
+    progress: bool, repeats: int = 1,
 ) -> RunResult:
     """Run the transformers baseline on the workload a server point of this model saw."""
     from loftey.bench.baseline import run_baseline
@@ -205,6 +206,6 @@ def run_baseline_point(
     requests = workload_for(spec, info)
     point_load = LoadSettings(**{**asdict(load), "concurrency": concurrency})
     result = run_baseline(resolve_model_dir(model), dtype, requests, spec, point_load, concurrency, threads=threads,
-                          progress=progress)
+                          repeats=repeats, progress=progress)
     result.extra["point"] = asdict(SweepPoint(model, dtype, 1, "transformers", concurrency))
     return result
