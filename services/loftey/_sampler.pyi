@@ -19,8 +19,8 @@ is drawn from what is left:
    differ between machines with different instruction sets (AVX-512, AVX2, neither), whose
    weights differ in the last bits.
 
-Rows are sampled in parallel on rayon's thread pool (RAYON_NUM_THREADS threads, all cores by
-default) with the GIL released.
+The GIL is released while sampling. When the batch has more than one row, the calling thread
+and RAYON_NUM_THREADS - 1 threads of rayon's pool (all cores by default) share the rows.
 """
 
 import numpy as np

@@ -35,7 +35,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
 
     #[test]
-    fn top_k_never_returns_a_token_outside_the_k_best(
+    fn top_k_stays_within_k_best(
         logits in grid_logits(300),
         k in 1i64..40,
         temperature in 0.2f32..3.0,
@@ -50,7 +50,7 @@ proptest! {
     }
 
     #[test]
-    fn top_p_set_is_the_smallest_prefix_reaching_p(
+    fn top_p_is_smallest_prefix(
         logits in grid_logits(400),
         temperature in 0.3f32..2.0,
         top_k in prop_oneof![Just(0i64), 1i64..60],
@@ -87,7 +87,7 @@ proptest! {
     }
 
     #[test]
-    fn min_p_keeps_tokens_at_least_min_p_of_the_best(
+    fn min_p_keeps_relative_weights(
         logits in grid_logits(300),
         temperature in 0.3f32..2.0,
         min_p in 0.0f32..=1.0,
@@ -110,7 +110,7 @@ proptest! {
     }
 
     #[test]
-    fn greedy_is_argmax_with_ties_to_lowest_id(
+    fn greedy_is_lowest_argmax(
         logits in grid_logits(500),
         top_k in 0i64..10,
         top_p in 0.0f32..=1.0,
@@ -121,7 +121,7 @@ proptest! {
     }
 
     #[test]
-    fn sampled_tokens_are_in_the_filtered_support(
+    fn samples_stay_in_support(
         logits in grid_logits(700),
         temperature in 0.3f32..2.0,
         top_k in prop_oneof![Just(0i64), 1i64..100],
@@ -139,7 +139,7 @@ proptest! {
     }
 
     #[test]
-    fn token_does_not_depend_on_batch_position(
+    fn batch_position_is_irrelevant(
         logits in prop::collection::vec(-10.0f32..10.0, 64..200),
         position in 0usize..8,
         seed in any::<u64>(),
