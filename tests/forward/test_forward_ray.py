@@ -80,3 +80,28 @@ def test_groups_off_node_use_ray_calls(group_actors, tiny_checkpoint, reference_
     executor.close()
 
     assert tokens == reference_greedy(reference_model, prompt)
+
+
+def test_calls_larger_than_buffer_are_chunked(group_actors, tiny_checkpoint, reference_model):
+    from forward_helpers import dense_mixture
+
+    from loftey.forward.partition import ExpertPartition
+    from loftey.forward.ray_executor import RayActorOptions
+    from loftey.forward.shm_executor import SharedMemoryExecutor
+    from loftey.model import route
+
+    groups, actors = group_actors
+    config = load_config(tiny_checkpoint)
+    partition = ExpertPartition(config.expert_num, groups)
+    executor = SharedMemoryExecutor(
+        config, partition, str(tiny_checkpoint), "float32", RayActorOptions(), actors, max_rows=3
+    )
+    executor.start()
+    generator = torch.Generator().manual_seed(8)
+    hidden = torch.randn(10, config.hidden_size, generator=generator)  # [N, C], more than 3 rows per group
+    weights, expert_ids = route(torch.randn(10, config.expert_num, generator=generator), config.topk)
+
+    out = executor.forward_layer(0, hidden, expert_ids, weights)
+    executor.close()
+
+    torch.testing.assert_close(out, dense_mixture(reference_model, 0, hidden, expert_ids, weights), rtol=1e-5, atol=1e-5)
