@@ -3,7 +3,7 @@
 //! greedy and top-k paths need no other pass over the whole row.
 
 use crate::kernels::{chunk_weights, tree_sum, CHUNK, LANES};
-use crate::simd::dispatch;
+use crate::simd::{dispatch, exp_non_positive};
 use crate::top_k::{block_max, Candidate, TopKBuffer, BLOCK};
 
 /// Results of the first pass.
@@ -27,6 +27,19 @@ fn max_and_nan(values: &[f32; BLOCK]) -> (f32, bool) {
         }
     }
     (block_max(values), nan.iter().any(|&is_nan| is_nan))
+}
+
+/// Sums exp(x - max) over a full chunk in lanes, without storing the exponentials: only the
+/// logprobs use this sum, so it need not match the draw's sums bit for bit.
+#[inline(always)]
+fn chunk_exp_sum<const FUSED: bool>(chunk: &[f32; CHUNK], max: f32) -> f64 {
+    let mut lanes = [0.0f32; LANES];
+    for group in 0..CHUNK / LANES {
+        for lane in 0..LANES {
+            lanes[lane] += exp_non_positive::<FUSED>(chunk[group * LANES + lane] - max);
+        }
+    }
+    lanes.iter().map(|&lane| f64::from(lane)).sum()
 }
 
 #[inline(always)]
@@ -75,8 +88,13 @@ fn first_pass_body<const FUSED: bool>(
             max = chunk_max;
         }
         if with_exp_sum && max > f32::NEG_INFINITY {
-            chunk_weights::<FUSED>(chunk, max, 1.0, &mut weights);
-            exp_sum += f64::from(tree_sum(&weights));
+            exp_sum += match full {
+                Some(full) => chunk_exp_sum::<FUSED>(full, max),
+                None => {
+                    chunk_weights::<FUSED>(chunk, max, 1.0, &mut weights);
+                    f64::from(tree_sum(&weights))
+                }
+            };
         }
 
         // 3. Candidates, skipping the blocks whose maximum the buffer does not admit.
