@@ -6,13 +6,18 @@ experts [g * E / G, (g + 1) * E / G). Ray restarts a dead actor up to
 times. On top of that, a layer call gets `max_attempts` tries and
 `call_timeout_s` seconds in all. Past either bound the group counts as
 unavailable.
+
+On a cluster, `resources` keeps the actors on nodes that offer a custom
+resource, such as worker nodes started with `--resources '{"expert_node": 4}'`.
+`placement_strategy` reserves one placement-group bundle per group, and SPREAD
+puts each group on a node of its own where there are enough nodes.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 import torch
@@ -26,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 # Pause before resubmitting a call that failed because its actor died, so Ray can notice and restart it.
 RETRY_BACKOFF_S = 0.05
+# Ray's placement-group strategies (ray.util.placement_group).
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,18 @@ class RayActorOptions:
     call_timeout_s: float = 60.0  # time for one layer call, restarts and retries included
     load_timeout_s: float = 600.0  # time for every actor to load its experts at start
     num_cpus: float = 0.0  # CPUs each actor reserves in Ray's scheduler (0: placement only)
+    # Custom Ray resources each actor requests, e.g. {"expert_node": 1.0}. Empty requests none.
+    resources: dict[str, float] = field(default_factory=dict)
+    # None keeps Ray's default scheduling. A name from PLACEMENT_STRATEGIES creates a placement
+    # group with one bundle per group, each holding one actor's CPUs and resources.
+    placement_strategy: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.placement_strategy is not None and self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(
+                f"placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)} or None, "
+                f"got {self.placement_strategy!r}"
+            )
 
 
 @dataclass
@@ -77,17 +96,21 @@ class RayCallsExecutor(ExpertExecutor):
         self.owns_actors = actors is None
         self.actors: list = list(actors or [])
         self.group_info: list[dict] = []
+        self.placement_group = None  # created by start() when options.placement_strategy is set
 
     def start(self) -> None:
         if not self.owns_actors:
             self.group_info = self.describe_groups()
             return
         actor_class = ray.remote(ExpertGroupActor)
+        self.placement_group = self._reserve_placement_group()
         for group in range(self.partition.num_groups):
             actor = actor_class.options(
                 max_restarts=self.options.max_restarts,
                 max_task_retries=self.options.max_task_retries if self.options.max_restarts and self.ray_retries_tasks else 0,
                 num_cpus=self.options.num_cpus,
+                resources=dict(self.options.resources),
+                scheduling_strategy=self._scheduling_strategy(group),
                 # The shared-memory server and a compiled graph's loop run beside ordinary calls.
                 max_concurrency=4,
             ).remote(self.model_dir, group, self.partition.experts_of(group), self.dtype)
@@ -100,9 +123,47 @@ class RayCallsExecutor(ExpertExecutor):
             raise RuntimeError(f"expert-group actors failed to load: {error}") from error
         for info in self.group_info:
             logger.info(
-                "expert group %d ready: experts %s, pid %d, %.1f MiB of experts, RSS %.1f MiB",
-                info["group"], info["experts"], info["pid"], info["expert_bytes"] / 2**20, info["rss_bytes"] / 2**20,
+                "expert group %d ready: experts %s, node %s, pid %d, %.1f MiB of experts, RSS %.1f MiB",
+                info["group"], info["experts"], info["node_id"], info["pid"],
+                info["expert_bytes"] / 2**20, info["rss_bytes"] / 2**20,
             )
+
+    def _reserve_placement_group(self):
+        """Create the placement group of options.placement_strategy and wait until Ray places it.
+
+        Returns None when no strategy is set.
+        """
+        strategy = self.options.placement_strategy
+        if strategy is None:
+            return None
+        bundle = dict(self.options.resources)
+        if self.options.num_cpus > 0:
+            bundle["CPU"] = self.options.num_cpus
+        if not bundle:
+            raise ValueError(
+                f"placement strategy {strategy} needs a nonzero resource in each group's bundle, "
+                "so set resources (--expert-resource) or num_cpus (--expert-cpus) above 0"
+            )
+        bundles = [bundle] * self.partition.num_groups
+        placement_group = ray.util.placement_group(bundles, strategy=strategy)
+        logger.info("waiting for a placement group of %d bundles %s, strategy %s", len(bundles), bundle, strategy)
+        try:
+            ray.get(placement_group.ready(), timeout=self.options.load_timeout_s)
+        except GetTimeoutError as error:
+            ray.util.remove_placement_group(placement_group)
+            raise RuntimeError(
+                f"placement group of {len(bundles)} bundles {bundle} with strategy {strategy} timed out "
+                f"after {self.options.load_timeout_s:g} s. Check with `ray status` that the cluster's nodes "
+                "offer these resources."
+            ) from error
+        return placement_group
+
+    def _scheduling_strategy(self, group: int):
+        if self.placement_group is None:
+            return None
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=group)
 
     def describe_groups(self) -> list[dict]:
         """Ask every actor for its pid, node, expert bytes and current RSS."""
@@ -113,6 +174,9 @@ class RayCallsExecutor(ExpertExecutor):
             for actor in self.actors:
                 ray.kill(actor, no_restart=True)
         self.actors = []
+        if self.placement_group is not None:
+            ray.util.remove_placement_group(self.placement_group)
+            self.placement_group = None
 
     def submit(self, layer: int, call: GroupCall) -> ray.ObjectRef:
         return self.actors[call.group].run_layer.remote(

@@ -207,7 +207,11 @@ def serve_forward(
         ),
     ] = DEFAULT_EXECUTOR,
     ray_address: Annotated[
-        str | None, typer.Option(help="Ray cluster to join, e.g. 10.0.0.1:6379; unset starts a local Ray.")
+        str | None,
+        typer.Option(
+            help="Ray cluster to join: auto (the cluster `ray start` started on this node) or an address "
+            "such as 10.0.0.1:6379; unset starts a local Ray."
+        ),
     ] = None,
     dtype: Annotated[str, typer.Option(help="Weights and activations: float32 or bfloat16.")] = "float32",
     kv_slots: Annotated[int, typer.Option(min=1, help="KV-cache slots, the maximum of live sequences.")] = DEFAULT_KV_SLOTS,
@@ -215,6 +219,23 @@ def serve_forward(
     expert_call_timeout: Annotated[
         float, typer.Option(min=0.1, help="Seconds one layer call to the expert groups may take, retries included.")
     ] = 60.0,
+    expert_resource: Annotated[
+        str | None,
+        typer.Option(
+            help="Custom Ray resource each expert-group actor requests one unit of, e.g. expert_node "
+            "(offered by nodes started with --resources); unset requests none."
+        ),
+    ] = None,
+    expert_cpus: Annotated[
+        float, typer.Option(min=0.0, help="CPUs each expert-group actor reserves in Ray's scheduler; 0 reserves none.")
+    ] = 0.0,
+    placement_strategy: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray placement-group strategy for the expert-group actors: SPREAD (one group per node where "
+            "there are enough nodes), STRICT_SPREAD, PACK or STRICT_PACK; unset uses Ray's default scheduling."
+        ),
+    ] = None,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind; 0 picks a free port.")] = 0,
     port_file: Annotated[
@@ -227,7 +248,12 @@ def serve_forward(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if executor not in EXECUTOR_CHOICES:
         raise typer.BadParameter(f"must be one of {', '.join(EXECUTOR_CHOICES)}, got {executor!r}", param_hint="--executor")
-    from loftey.forward.ray_executor import RayActorOptions
+    from loftey.forward.ray_executor import PLACEMENT_STRATEGIES, RayActorOptions
+
+    if placement_strategy is not None and placement_strategy not in PLACEMENT_STRATEGIES:
+        raise typer.BadParameter(
+            f"must be one of {', '.join(PLACEMENT_STRATEGIES)}, got {placement_strategy!r}", param_hint="--placement-strategy"
+        )
 
     settings = ForwardSettings(
         model_dir=str(model),
@@ -237,7 +263,12 @@ def serve_forward(
         kv_slots=kv_slots,
         ray_address=ray_address,
         ray_options=RayActorOptions(
-            max_restarts=max_restarts, max_task_retries=max_restarts, call_timeout_s=expert_call_timeout
+            max_restarts=max_restarts,
+            max_task_retries=max_restarts,
+            call_timeout_s=expert_call_timeout,
+            num_cpus=expert_cpus,
+            resources={expert_resource: 1.0} if expert_resource else {},
+            placement_strategy=placement_strategy,
         ),
     )
     asyncio.run(run_forward_service(settings, host, port, port_file))
