@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 from loftey.cli import app
 from loftey.model.modeling import LofteyForCausalLM
 from loftey.train.checkpoint import published_config_values
-from loftey.train.loop import RouterStatistics, TrainSettings, learning_rate, train
+from loftey.train.loop import RouterStatistics, TrainSettings, add_dropout, learning_rate, train
 
 DIALOGUES = [
     ("Hello", "Hi! How can I help you?"),
@@ -143,6 +144,21 @@ def test_load_balancing_loss_ignores_padding():
     assert loss.item() == pytest.approx(1.0, abs=1e-6)
 
 
+def test_dropout_applies_only_in_training():
+    torch.manual_seed(0)
+    model = LofteyForCausalLM(small_config())
+    reference = copy.deepcopy(model)
+    add_dropout(model, 0.5)
+    input_ids = torch.tensor([[1, 2, 3, 4, 5]])
+
+    model.eval()
+    reference.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids).logits, reference(input_ids).logits)
+        model.train()
+        assert not torch.allclose(model(input_ids).logits, reference(input_ids).logits)
+
+
 def test_learning_rate_warms_up_and_decays():
     settings = TrainSettings(steps=100, batch_size=1, seq_len=8, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
 
@@ -159,6 +175,7 @@ def test_learning_rate_warms_up_and_decays():
         ({"steps": 0}, "steps must be >= 1, got 0"),
         ({"lr": 0.0}, "lr must be > 0"),
         ({"save_dtype": "int8"}, "save_dtype must be one of float32, bfloat16, got 'int8'"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
     ],
 )
 def test_settings_reject_invalid_values(changes, message):
