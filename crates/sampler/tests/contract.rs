@@ -133,6 +133,28 @@ fn tiny_temperature_or_top_p_is_greedy() {
 }
 
 #[test]
+fn low_first_logits_keep_sums_exact() {
+    // The first chunk's logits are far below the row's maximum, then a little below it, so
+    // the first pass's running maximum jumps: draws and logprobs must not depend on it.
+    let base = uniform_logits(3000, 2.0);
+    for first in [-200.0f32, -1.0] {
+        let mut logits = base.clone();
+        logits[..256].iter_mut().for_each(|x| *x = first + *x * 0.01);
+        for (top_p, min_p) in [(1.0, 0.0), (0.9, 0.0), (0.9, 0.001)] {
+            let row_params = SamplingParams { temperature: 1.0, top_k: 0, top_p, min_p, seed: 3, step: 0 };
+            let distribution = filtered_distribution(&logits, &row_params).unwrap().unwrap();
+            for step in 0..20 {
+                let sample = &sample_rows(&logits, 3000, &[SamplingParams { step, ..row_params }], 0)[0];
+                let sample = sample.as_ref().unwrap();
+                assert!(distribution.iter().any(|&(id, _)| id == sample.token), "token {} outside", sample.token);
+                let expected = log_softmax(&logits, sample.token as usize);
+                assert!((f64::from(sample.logprob) - expected).abs() < 1e-5, "{} vs {expected}", sample.logprob);
+            }
+        }
+    }
+}
+
+#[test]
 fn top_p_zero_keeps_best_token() {
     let logits = [0.5f32, 3.0, 3.0, -1.0];
     for top_k in [0, 3] {
