@@ -5,7 +5,8 @@ actors on other nodes. Only the per-layer data of same-node actors moves
 through a ChannelClient (shared-memory buffer plus Unix socket). When a
 channel breaks because its actor died, the channel is opened again on the
 actor that Ray restarted and the call is retried, within the executor's
-attempts and time.
+attempts and time. When Ray restarted the actor on another node, where the
+buffer file does not exist, the group switches to Ray calls.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import psutil
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from loftey.forward.executor import ExpertGroupUnavailable, GroupCall, GroupResult
 from loftey.forward.ray_actor import from_wire, to_wire
@@ -54,6 +55,14 @@ def remove_stale_files() -> None:
                 path.unlink(missing_ok=True)
 
 
+class GroupOffNode(Exception):
+    """The group's actor runs on another node than the forward process."""
+
+    def __init__(self, group: int, node_id: str) -> None:
+        super().__init__(f"expert group {group} runs on node {node_id}")
+        self.node_id = node_id
+
+
 class SharedMemoryExecutor(RayCallsExecutor):
     """Ray actors for placement and restarts, shared memory for same-node layer calls."""
 
@@ -64,13 +73,16 @@ class SharedMemoryExecutor(RayCallsExecutor):
         self.max_rows = max_rows
         self.channels: list[ChannelClient | None] = []
         self.socket_dir: str | None = None
+        self.local_node: str | None = None  # Ray node id of this process
+        # Groups whose actor Ray restarted on another node. The next run_calls drops their channels.
+        self.moved_groups: set[int] = set()
 
     def start(self) -> None:
         super().start()
         remove_stale_files()
         # Unix socket paths are limited to about 100 bytes, so they go in a short /tmp folder.
         self.socket_dir = tempfile.mkdtemp(prefix=f"{FILE_PREFIX}{os.getpid()}-", dir=SOCKET_PARENT)
-        local_node = ray.get_runtime_context().get_node_id()
+        self.local_node = local_node = ray.get_runtime_context().get_node_id()
         wire_dtype = "int16" if self.torch_dtype == torch.bfloat16 else "float32"
         token = uuid.uuid4().hex[:12]
         for info in self.group_info:
@@ -91,9 +103,15 @@ class SharedMemoryExecutor(RayCallsExecutor):
             self._open(group, time.monotonic() + self.options.load_timeout_s)
 
     def _open(self, group: int, deadline: float) -> None:
-        """Have the group's actor (Ray restarts it if it died) serve the channel, and connect to it."""
+        """Have the group's actor (Ray restarts it if it died) serve the channel, and connect to it.
+
+        Raises GroupOffNode when the actor runs on another node than this process.
+        """
         channel = self.channels[group]
         channel.disconnect()
+        info = ray.get(self.actors[group].describe.remote(), timeout=max(deadline - time.monotonic(), 0.0))
+        if info["node_id"] != self.local_node:
+            raise GroupOffNode(group, info["node_id"])
         ray.get(self.actors[group].open_channel.remote(channel.spec), timeout=max(deadline - time.monotonic(), 0.0))
         channel.connect(max(deadline - time.monotonic(), 0.0))
 
@@ -121,11 +139,35 @@ class SharedMemoryExecutor(RayCallsExecutor):
                 self._open(call.group, deadline)
                 call_id = channel.submit(*self._chunk(layer, call, start, end))
                 return channel.collect(call_id, end - start, deadline - time.monotonic())
+            except GroupOffNode as moved:
+                return self._run_chunk_off_node(layer, call, start, end, moved.node_id, deadline)
             except (ChannelError, RayActorError, GetTimeoutError) as retry_error:
                 error = retry_error
                 if isinstance(retry_error, RayActorError) and not isinstance(retry_error, ray.exceptions.ActorUnavailableError):
                     break  # the actor is dead for good: no restart is coming
         raise ExpertGroupUnavailable(call.group, f"layer {layer} call failed: {error}") from error
+
+    def _run_chunk_off_node(self, layer: int, call: GroupCall, start: int, end: int, node_id: str, deadline: float):
+        """Run one chunk as a Ray call on a group whose actor now runs on another node.
+
+        The group keeps Ray calls from the next run_calls on. Raises
+        ExpertGroupUnavailable when the call fails or times out.
+        """
+        if call.group not in self.moved_groups:
+            logger.warning("expert group %d restarted on node %s: using Ray calls", call.group, node_id)
+            self.moved_groups.add(call.group)
+        ref = self.actors[call.group].run_layer.remote(*self._chunk(layer, call, start, end))
+        try:
+            return ray.get(ref, timeout=max(deadline - time.monotonic(), 0.0))
+        except (RayActorError, RayTaskError, GetTimeoutError) as error:
+            raise ExpertGroupUnavailable(call.group, f"layer {layer} call failed: {error}") from error
+
+    def _drop_moved_channels(self) -> None:
+        for group in self.moved_groups:
+            if self.channels[group] is not None:
+                self.channels[group].close()
+                self.channels[group] = None
+        self.moved_groups.clear()
 
     def _chunk(self, layer: int, call: GroupCall, start: int, end: int):
         return (
@@ -137,6 +179,7 @@ class SharedMemoryExecutor(RayCallsExecutor):
 
     def run_calls(self, layer: int, calls: list[GroupCall]) -> list[GroupResult]:
         """Run the calls at once; outputs of shared-memory groups are views valid until the next run_calls."""
+        self._drop_moved_channels()
         started = time.monotonic()
         deadline = started + self.options.call_timeout_s
         remote = [call for call in calls if self.channels[call.group] is None]
