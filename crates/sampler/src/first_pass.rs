@@ -48,7 +48,12 @@ fn first_pass_body<const FUSED: bool>(
     with_exp_sum: bool,
     top_count: usize,
     candidates: &mut Vec<Candidate>,
+    chunk_maxima: Option<&mut Vec<f32>>,
 ) -> FirstPass {
+    let mut chunk_maxima = chunk_maxima;
+    if let Some(maxima) = chunk_maxima.as_mut() {
+        maxima.clear();
+    }
     let mut max = f32::NEG_INFINITY;
     let mut has_nan = false;
     let mut exp_sum = 0.0f64;
@@ -79,6 +84,9 @@ fn first_pass_body<const FUSED: bool>(
             }
         }
         let chunk_max = block_maxima.iter().fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+        if let Some(maxima) = chunk_maxima.as_mut() {
+            maxima.push(chunk_max);
+        }
 
         // 2. Online sum of exponentials: rescale the sum so far when the maximum rises.
         if chunk_max > max {
@@ -126,13 +134,14 @@ fn first_pass_body<const FUSED: bool>(
 
 dispatch! {
     /// Reads `row` once for its maximum and NaN, and on request for the sum of exp(x - max)
-    /// (`with_exp_sum`) and the `top_count` best tokens (0 for none). The tokens go to
-    /// `candidates`, sorted best first (higher logit, ties to the lower id).
+    /// (`with_exp_sum`), the `top_count` best tokens (0 for none) and each chunk's maximum.
+    /// The tokens go to `candidates`, sorted best first (higher logit, ties to the lower id).
     pub fn first_pass(
         row: &[f32],
         with_exp_sum: bool,
         top_count: usize,
-        candidates: &mut Vec<Candidate>
+        candidates: &mut Vec<Candidate>,
+        chunk_maxima: Option<&mut Vec<f32>>
     ) -> FirstPass => first_pass_body
 }
 
@@ -150,7 +159,11 @@ mod tests {
         for len in [1, 63, 256, 700, 5000] {
             let row = test_row(len);
             let mut candidates = Vec::new();
-            let pass = first_pass(&row, true, 10.min(len), &mut candidates);
+            let mut maxima = Vec::new();
+            let pass = first_pass(&row, true, 10.min(len), &mut candidates, Some(&mut maxima));
+            let expected_maxima: Vec<f32> =
+                row.chunks(CHUNK).map(|c| c.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x))).collect();
+            assert_eq!(maxima, expected_maxima);
 
             let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
             assert_eq!(pass.max, max);
@@ -172,13 +185,13 @@ mod tests {
         let mut row = test_row(600);
         row[333] = f32::NAN;
         let mut candidates = vec![Candidate { logit: 0.0, id: 9 }];
-        let pass = first_pass(&row, false, 0, &mut candidates);
+        let pass = first_pass(&row, false, 0, &mut candidates, None);
         assert!(pass.has_nan);
         assert_eq!(pass.exp_sum, None);
         assert_eq!(candidates.len(), 1, "candidates untouched without top_count");
 
         let all_neg_inf = vec![f32::NEG_INFINITY; 300];
-        let pass = first_pass(&all_neg_inf, true, 0, &mut candidates);
+        let pass = first_pass(&all_neg_inf, true, 0, &mut candidates, None);
         assert_eq!(pass.max, f32::NEG_INFINITY);
         assert_eq!(pass.exp_sum, Some(0.0));
     }

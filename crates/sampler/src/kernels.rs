@@ -119,6 +119,81 @@ dispatch! {
 }
 
 #[inline(always)]
+fn chunk_sums_body<const FUSED: bool>(
+    row: &[f32],
+    max: f32,
+    scale: f32,
+    above_bits: u32,
+    sums: &mut Vec<f32>,
+) -> f64 {
+    let mut w = [0.0f32; CHUNK];
+    let mut total = 0.0f64;
+    sums.clear();
+    for chunk in row.chunks(CHUNK) {
+        chunk_weights::<FUSED>(chunk, max, scale, &mut w);
+        let sum = tree_sum(&mask_weights(&w, above_bits));
+        sums.push(sum);
+        total += f64::from(sum);
+    }
+    total
+}
+
+dispatch! {
+    /// Sums the weights like [`weight_sum`] and also writes each chunk's sum to `sums`, so
+    /// that [`draw_from_sums`] can find the chunk of a draw without recomputing weights.
+    pub fn chunk_sums(row: &[f32], max: f32, scale: f32, above_bits: u32, sums: &mut Vec<f32>) -> f64
+        => chunk_sums_body
+}
+
+#[inline(always)]
+fn masked_chunk_weights_body<const FUSED: bool>(
+    chunk: &[f32],
+    max: f32,
+    scale: f32,
+    above_bits: u32,
+) -> [f32; CHUNK] {
+    let mut w = [0.0f32; CHUNK];
+    chunk_weights::<FUSED>(chunk, max, scale, &mut w);
+    mask_weights(&w, above_bits)
+}
+
+dispatch! {
+    /// Returns the weights of one chunk above `above_bits`, zero elsewhere and past its end.
+    fn masked_chunk_weights(chunk: &[f32], max: f32, scale: f32, above_bits: u32) -> [f32; CHUNK]
+        => masked_chunk_weights_body
+}
+
+/// Finds the token whose interval contains `target` like `draw_scan` (kept as the tests'
+/// reference), from the chunk sums
+/// that [`chunk_sums`] wrote for the same `row`, `max`, `scale` and `above_bits`: only the
+/// chunk that contains the target has its weights computed.
+pub fn draw_from_sums(row: &[f32], max: f32, scale: f32, above_bits: u32, sums: &[f32], target: f64) -> Scan {
+    let mut mass = 0.0f64;
+    let mut last_positive_chunk = None;
+    for (chunk_index, &sum) in sums.iter().enumerate() {
+        let chunk_mass = f64::from(sum);
+        if mass + chunk_mass > target {
+            let start = chunk_index * CHUNK;
+            let chunk = row.get(start..(start + CHUNK).min(row.len())).unwrap_or(&[]);
+            let masked = masked_chunk_weights(chunk, max, scale, above_bits);
+            return Scan::Token((start + descend(&masked, target - mass)) as u32);
+        }
+        mass += chunk_mass;
+        if chunk_mass > 0.0 {
+            last_positive_chunk = Some(chunk_index);
+        }
+    }
+    let last = last_positive_chunk.and_then(|chunk_index| {
+        let start = chunk_index * CHUNK;
+        let chunk = row.get(start..(start + CHUNK).min(row.len()))?;
+        let masked = masked_chunk_weights(chunk, max, scale, above_bits);
+        let offset = masked.iter().rposition(|&value| value > 0.0)?;
+        Some((start + offset) as u32)
+    });
+    Scan::Short(last)
+}
+
+#[inline(always)]
 fn weights_body<const FUSED: bool>(row: &[f32], max: f32, scale: f32, out: &mut Vec<f32>) {
     let mut w = [0.0f32; CHUNK];
     out.clear();
@@ -245,7 +320,7 @@ dispatch! {
     ) -> () => collect_bucket_body
 }
 
-/// Result of [`draw_scan`].
+/// Result of a draw over chunk sums.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scan {
     /// The token whose interval contains the target.
@@ -255,6 +330,7 @@ pub enum Scan {
     Short(Option<u32>),
 }
 
+#[cfg(test)]
 #[inline(always)]
 fn draw_scan_body<const FUSED: bool>(
     row: &[f32],
@@ -288,6 +364,7 @@ fn draw_scan_body<const FUSED: bool>(
 }
 
 dispatch! {
+    #[cfg(test)]
     /// Lays the weights of the tokens of `row` whose weight's bit pattern is above
     /// `above_bits` end to end, chunk by chunk in id order, and finds the token whose interval
     /// contains `target`. Sums match [`weight_sum`] bit for bit, so a target below its total
@@ -303,16 +380,25 @@ fn ranked_within_body<const FUSED: bool>(
     scale: f32,
     token: usize,
     target: f64,
-    total: f64,
+    sums: &[f32],
+    chunk_maxima: &[f32],
 ) -> bool {
-    let weight = row.get(token).map_or(0.0, |&x| exp_non_positive::<FUSED>((x - max) * scale));
+    let weight_of = |x: f32| exp_non_positive::<FUSED>((x - max) * scale);
+    let weight = row.get(token).map_or(0.0, |&x| weight_of(x));
     let bits = weight.to_bits();
+    let total: f64 = sums.iter().map(|&sum| f64::from(sum)).sum();
     let mut w = [0.0f32; CHUNK];
     let (mut heavier, mut scanned, mut ties) = (0.0f64, 0.0f64, 0usize);
-    for (chunk_index, chunk) in row.chunks(CHUNK).enumerate() {
+    for ((chunk_index, chunk), &chunk_sum) in row.chunks(CHUNK).enumerate().zip(sums) {
+        scanned += f64::from(chunk_sum);
+        // A chunk whose largest weight is below the token's, by more than the one ulp the
+        // polynomial exponential may lose to rounding, adds nothing heavier and no tie.
+        let chunk_max = chunk_maxima.get(chunk_index).copied().unwrap_or(f32::INFINITY);
+        if weight_of(chunk_max).to_bits().saturating_add(1) < bits {
+            continue;
+        }
         chunk_weights::<FUSED>(chunk, max, scale, &mut w);
         heavier += f64::from(tree_sum(&mask_weights(&w, bits)));
-        scanned += f64::from(tree_sum(&w));
         let start = chunk_index * CHUNK;
         if start < token {
             let end = (token - start).min(chunk.len());
@@ -334,10 +420,19 @@ fn ranked_within_body<const FUSED: bool>(
 dispatch! {
     /// Returns whether the tokens ranked before token `token` of `row` (by weight
     /// exp((x - max) * scale) descending, ties to the lower id) weigh less than `target`.
-    /// `total` must be `weight_sum(row, max, scale, 0)`, so that the pass can stop once the
-    /// weight not yet seen cannot change the result.
-    pub fn ranked_within(row: &[f32], max: f32, scale: f32, token: usize, target: f64, total: f64) -> bool
-        => ranked_within_body
+    /// `sums` must be the chunk sums of every positive weight (from [`chunk_sums`] with
+    /// `above_bits` 0), so that the pass can stop once the weight not yet seen cannot change
+    /// the result. `chunk_maxima` holds each chunk's largest logit (`&[]` if unknown), to skip
+    /// the chunks whose weights are all lighter than the token's.
+    pub fn ranked_within(
+        row: &[f32],
+        max: f32,
+        scale: f32,
+        token: usize,
+        target: f64,
+        sums: &[f32],
+        chunk_maxima: &[f32]
+    ) -> bool => ranked_within_body
 }
 
 #[inline(always)]
@@ -428,6 +523,18 @@ mod tests {
             assert!((count as f64 - expected).abs() <= 2.0, "token {id}: {count} hits, expected {expected}");
         }
         assert!(matches!(draw_scan(row, max, 1.0, above, total), Scan::Short(Some(_))));
+
+        // Drawing from stored chunk sums gives the same tokens.
+        let mut sums = Vec::new();
+        assert_eq!(chunk_sums(row, max, 1.0, above, &mut sums), total);
+        for i in 0..500 {
+            let target = (i as f64 + 0.5) / 500.0 * total;
+            assert_eq!(
+                draw_from_sums(row, max, 1.0, above, &sums, target),
+                draw_scan(row, max, 1.0, above, target)
+            );
+        }
+        assert_eq!(draw_from_sums(row, max, 1.0, above, &sums, total), draw_scan(row, max, 1.0, above, total));
     }
 
     #[test]
@@ -438,7 +545,10 @@ mod tests {
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
         let mut w = Vec::new();
         weights(&row, max, 1.0, &mut w);
-        let total = weight_sum(&row, max, 1.0, 0);
+        let mut sums = Vec::new();
+        let total = chunk_sums(&row, max, 1.0, 0, &mut sums);
+        let chunk_maxima: Vec<f32> =
+            row.chunks(CHUNK).map(|c| c.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x))).collect();
         for token in [0, 10, 500, 2000, 2999] {
             let heavier: f64 = w.iter().filter(|&&x| x > w[token]).map(|&x| f64::from(x)).sum();
             let ties = w[..token].iter().filter(|&&x| x.to_bits() == w[token].to_bits()).count();
@@ -447,8 +557,10 @@ mod tests {
                 let target = fraction * total;
                 // Away from the boundary, where rounding cannot decide.
                 if (before - target).abs() > 1e-6 * total {
-                    let within = ranked_within(&row, max, 1.0, token, target, total);
-                    assert_eq!(within, before < target, "token {token}, target {target}, before {before}");
+                    for maxima in [&chunk_maxima[..], &[]] {
+                        let within = ranked_within(&row, max, 1.0, token, target, &sums, maxima);
+                        assert_eq!(within, before < target, "token {token}, target {target}, before {before}");
+                    }
                 }
             }
         }

@@ -3,7 +3,7 @@
 use crate::first_pass::first_pass;
 use crate::kernels::weight_sum;
 use crate::params::RowPlan;
-use crate::support::{self, Prepared, Workspace};
+use crate::support::{self, Prepared, Workspace, REJECTION_MIN_TOP_P};
 use crate::top_k::Candidate;
 
 /// Reason a row could not be sampled.
@@ -35,6 +35,7 @@ pub struct Scratch {
     /// The row with `+inf` logits replaced (see [`prepare`]).
     substitute: Vec<f32>,
     candidates: Vec<Candidate>,
+    chunk_maxima: Vec<f32>,
     work: Workspace,
 }
 
@@ -56,6 +57,7 @@ fn prepare<'a>(
     num_logprobs: usize,
     substitute: &'a mut Vec<f32>,
     candidates: &'a mut Vec<Candidate>,
+    chunk_maxima: &'a mut Vec<f32>,
 ) -> Result<Checked<'a>, RowErrorKind> {
     let top_k_path = !plan.greedy && plan.top_k < row.len();
     let for_sampling = if plan.greedy {
@@ -69,7 +71,11 @@ fn prepare<'a>(
     // Whole-row paths at temperature 1 get the normalizer from their own sum of weights.
     let with_exp_sum = plan.greedy || top_k_path || plan.inv_temperature != 1.0;
 
-    let mut pass = first_pass(row, with_exp_sum, top_count, candidates);
+    // Ranking a drawn token against the row skips the chunks whose maximum is too light.
+    let by_rejection = !plan.greedy && !top_k_path && plan.top_p < 1.0 && plan.top_p >= REJECTION_MIN_TOP_P;
+
+    let mut pass =
+        first_pass(row, with_exp_sum, top_count, candidates, by_rejection.then_some(&mut *chunk_maxima));
     if pass.has_nan {
         return Err(RowErrorKind::Nan);
     }
@@ -80,11 +86,22 @@ fn prepare<'a>(
     if pass.max == f32::INFINITY {
         substitute.clear();
         substitute.extend(row.iter().map(|&x| if x == f32::INFINITY { 0.0 } else { f32::NEG_INFINITY }));
-        pass = first_pass(substitute, with_exp_sum, top_count, candidates);
+        pass = first_pass(
+            substitute,
+            with_exp_sum,
+            top_count,
+            candidates,
+            by_rejection.then_some(&mut *chunk_maxima),
+        );
         row = substitute;
     }
     Ok(Checked {
-        prepared: Prepared { row, max: pass.max, candidates },
+        prepared: Prepared {
+            row,
+            max: pass.max,
+            candidates,
+            chunk_maxima: if by_rejection { chunk_maxima } else { &[] },
+        },
         log_exp_sum: pass.exp_sum.map(f64::ln),
     })
 }
@@ -101,12 +118,13 @@ pub(crate) fn sample_row(
     num_logprobs: usize,
     scratch: &mut Scratch,
 ) -> Result<RowSample, RowErrorKind> {
-    let Scratch { substitute, candidates, work } = scratch;
-    let Checked { prepared, log_exp_sum } = prepare(row, plan, num_logprobs, substitute, candidates)?;
+    let Scratch { substitute, candidates, chunk_maxima, work } = scratch;
+    let Checked { prepared, log_exp_sum } =
+        prepare(row, plan, num_logprobs, substitute, candidates, chunk_maxima)?;
     let (token, total) = support::sample(prepared, plan, work);
 
     // Logprobs under the model's distribution: log_softmax(x) = x - max - ln(sum(exp(x - max))).
-    let Prepared { row, max, candidates } = prepared;
+    let Prepared { row, max, candidates, .. } = prepared;
     let log_normalizer = log_exp_sum
         .or_else(|| total.filter(|_| plan.inv_temperature == 1.0).map(f64::ln))
         .unwrap_or_else(|| weight_sum(row, max, 1.0, 0).ln());
@@ -130,8 +148,8 @@ pub(crate) fn filtered_distribution(
     plan: &RowPlan,
     scratch: &mut Scratch,
 ) -> Result<Vec<(u32, f64)>, RowErrorKind> {
-    let Scratch { substitute, candidates, work } = scratch;
-    let Checked { prepared, .. } = prepare(row, plan, 0, substitute, candidates)?;
+    let Scratch { substitute, candidates, chunk_maxima, work } = scratch;
+    let Checked { prepared, .. } = prepare(row, plan, 0, substitute, candidates, chunk_maxima)?;
     let (support, _) = support::build(prepared, plan, work);
     let mut distribution = support::enumerate(&support);
     distribution.retain(|&(_, probability)| probability > 0.0);

@@ -2,7 +2,7 @@
 //! it.
 
 use crate::kernels::{
-    draw_scan, nth_with_bits, ranked_within, weight_sum, weights, weights_histogram, Histogram,
+    chunk_sums, draw_from_sums, nth_with_bits, ranked_within, weights, weights_histogram, Histogram,
     Scan,
 };
 use crate::params::RowPlan;
@@ -13,7 +13,7 @@ use crate::top_p::{top_p_cut, Cut};
 
 /// Smallest top_p sampled by rejection: draws from the tokens min-p keeps are accepted when
 /// they fall in the top-p set, which happens with probability at least top_p.
-const REJECTION_MIN_TOP_P: f64 = 0.5;
+pub const REJECTION_MIN_TOP_P: f64 = 0.5;
 /// Rejected draws before falling back to computing the top-p set exactly. With top_p >= 0.5
 /// all of them are rejected with probability at most 1/8.
 const REJECTION_ATTEMPTS: u32 = 3;
@@ -26,6 +26,8 @@ pub struct Prepared<'a> {
     /// The best tokens of the row, best first (higher logit, ties to the lower id): at
     /// least one for greedy decoding and at least top_k when top-k is on.
     pub candidates: &'a [Candidate],
+    /// The largest logit of each chunk of `kernels::CHUNK` logits, or empty.
+    pub chunk_maxima: &'a [f32],
 }
 
 /// Buffers the filters write to, reused from row to row.
@@ -35,6 +37,9 @@ pub struct Workspace {
     items: Vec<(u32, u32)>,
     histogram: Histogram,
     masses: Vec<f64>,
+    /// Chunk sums of every positive weight, then of the tokens a cut keeps.
+    all_sums: Vec<f32>,
+    kept_sums: Vec<f32>,
 }
 
 /// The tokens left after filtering, with their weights (unnormalized probabilities).
@@ -44,8 +49,9 @@ pub enum Support<'a> {
     /// The kept top-k candidates as (weight, id), heaviest first, and their total weight.
     Candidates { items: &'a [(f32, u32)], total: f64 },
     /// The tokens of the whole row that a cut keeps, with weights exp((x - max) * scale).
-    /// `strict_mass` is the weight of those strictly above the cut's threshold.
-    Row { row: &'a [f32], max: f32, scale: f32, cut: Cut, strict_mass: f64 },
+    /// `strict_mass` is the weight of those strictly above the cut's threshold, and
+    /// `strict_sums` its chunk sums.
+    Row { row: &'a [f32], max: f32, scale: f32, cut: Cut, strict_mass: f64, strict_sums: &'a [f32] },
 }
 
 /// Keeps the top-k candidates of `row`, then applies top-p and min-p to them. Returns them
@@ -103,7 +109,7 @@ pub fn build<'a>(
     plan: &RowPlan,
     work: &'a mut Workspace,
 ) -> (Support<'a>, Option<f64>) {
-    let Prepared { row, max, candidates } = prepared;
+    let Prepared { row, max, candidates, .. } = prepared;
     let scale = plan.inv_temperature;
     if plan.greedy {
         return (Support::Single(candidates.first().map_or(0, |best| best.id)), None);
@@ -125,11 +131,12 @@ pub fn build<'a>(
             cut = top_p.cut;
         }
     }
-    let strict_mass = weight_sum(row, max, scale, cut.threshold_bits);
+    let strict_sums = &mut work.kept_sums;
+    let strict_mass = chunk_sums(row, max, scale, cut.threshold_bits, strict_sums);
     if cut == Cut::ALL_POSITIVE {
         total = Some(strict_mass);
     }
-    (Support::Row { row, max, scale, cut, strict_mass }, total)
+    (Support::Row { row, max, scale, cut, strict_mass, strict_sums }, total)
 }
 
 /// Returns the weight of the cut's tied tokens and how many of them are kept.
@@ -159,13 +166,13 @@ pub fn draw(support: &Support<'_>, u: f64) -> u32 {
             // Rounding left the target at the very end.
             last_positive
         }
-        Support::Row { row, max, scale, cut, strict_mass } => {
+        Support::Row { row, max, scale, cut, strict_mass, strict_sums } => {
             let (tie_weight, tie_count) = ties(cut, row.len());
             let target = u * (strict_mass + tie_count as f64 * f64::from(tie_weight));
 
             // The strict members come first, chunk by chunk in id order, then the tied ones.
             let last_strict = if target < strict_mass {
-                match draw_scan(row, max, scale, cut.threshold_bits, target) {
+                match draw_from_sums(row, max, scale, cut.threshold_bits, strict_sums, target) {
                     Scan::Token(token) => return token,
                     Scan::Short(last) => last,
                 }
@@ -188,7 +195,7 @@ pub fn enumerate(support: &Support<'_>) -> Vec<(u32, f64)> {
         Support::Candidates { items, total } => {
             items.iter().map(|&(w, id)| (id, f64::from(w) / total)).collect()
         }
-        Support::Row { row, max, scale, cut, strict_mass } => {
+        Support::Row { row, max, scale, cut, strict_mass, .. } => {
             let (tie_weight, tie_count) = ties(cut, row.len());
             let total = strict_mass + tie_count as f64 * f64::from(tie_weight);
             let mut row_weights = Vec::new();
@@ -220,8 +227,12 @@ pub fn enumerate(support: &Support<'_>) -> Vec<(u32, f64)> {
 ///
 /// Returns the token (or `None` after [`REJECTION_ATTEMPTS`] rejections) and the row's sum
 /// of weights; `None` for both when the row does not qualify.
-pub fn draw_by_rejection(prepared: Prepared<'_>, plan: &RowPlan) -> Option<(Option<u32>, f64)> {
-    let Prepared { row, max, .. } = prepared;
+pub fn draw_by_rejection(
+    prepared: Prepared<'_>,
+    plan: &RowPlan,
+    work: &mut Workspace,
+) -> Option<(Option<u32>, f64)> {
+    let Prepared { row, max, chunk_maxima, .. } = prepared;
     let qualifies = !plan.greedy
         && plan.top_k >= row.len()
         && plan.top_p < 1.0
@@ -233,22 +244,24 @@ pub fn draw_by_rejection(prepared: Prepared<'_>, plan: &RowPlan) -> Option<(Opti
 
     // 1. The proposal: the tokens min-p keeps. The top-p target is relative to all tokens.
     let proposal = min_p_cut(plan);
-    let proposal_mass = weight_sum(row, max, scale, proposal.threshold_bits);
-    let total = if proposal == Cut::ALL_POSITIVE {
-        proposal_mass
+    let Workspace { all_sums, kept_sums, .. } = work;
+    let total = chunk_sums(row, max, scale, Cut::ALL_POSITIVE.threshold_bits, all_sums);
+    let (proposal_mass, proposal_sums) = if proposal == Cut::ALL_POSITIVE {
+        (total, &*all_sums)
     } else {
-        weight_sum(row, max, scale, Cut::ALL_POSITIVE.threshold_bits)
+        (chunk_sums(row, max, scale, proposal.threshold_bits, kept_sums), &*kept_sums)
     };
     let target = plan.top_p * total;
 
     // 2. Draw, rank the token drawn, accept it if it is in the top-p set.
     for attempt in 0..REJECTION_ATTEMPTS {
         let u = rng::uniform(plan.seed, plan.step, attempt);
-        let token = match draw_scan(row, max, scale, proposal.threshold_bits, u * proposal_mass) {
+        let target_mass = u * proposal_mass;
+        let token = match draw_from_sums(row, max, scale, proposal.threshold_bits, proposal_sums, target_mass) {
             Scan::Token(token) => token,
             Scan::Short(last) => last.unwrap_or(0),
         };
-        if ranked_within(row, max, scale, token as usize, target, total) {
+        if ranked_within(row, max, scale, token as usize, target, all_sums, chunk_maxima) {
             return Some((Some(token), total));
         }
     }
@@ -263,7 +276,7 @@ pub const EXACT_DRAW: u32 = REJECTION_ATTEMPTS;
 /// otherwise. Returns it with the row's sum of weights when that was computed.
 pub fn sample<'a>(prepared: Prepared<'a>, plan: &RowPlan, work: &'a mut Workspace) -> (u32, Option<f64>) {
     let mut known_total = None;
-    if let Some((token, total)) = draw_by_rejection(prepared, plan) {
+    if let Some((token, total)) = draw_by_rejection(prepared, plan, work) {
         if let Some(token) = token {
             return (token, Some(total));
         }
