@@ -43,7 +43,11 @@ NEW_PROMPTS = [
     "你平时喜欢听音乐吗？",
 ]
 DEMO_PROMPTS = ["Hello", "你好"]
+# Prompts beyond the small talk of the training data, to show where the model fails.
+HARD_PROMPTS = ["What is the capital of France?", "Do you like reading novels?", "今天心情不太好"]
 MAX_NEW_TOKENS = 48
+# Training files of the same kind of text as the held-out set.
+CHATTERBOT_PREFIX = "chatterbot_"
 # Rows per held-out batch: the full-vocabulary logits of one batch's targets are
 # targets x 151,646 floats.
 EVAL_BATCH_SIZE = 2
@@ -102,6 +106,9 @@ def main() -> None:
     heldout_targets = target_ids(heldout_docs)
     model_loss, unused_mass = heldout_measures(model, heldout_docs, used_ids, seq_len, renderer.end_of_text)
     unigram_loss = unigram_cross_entropy(target_ids(train_docs), heldout_targets, used_ids.tolist())
+    chatterbot_files = sorted({path for path in data_files if path.name.startswith(CHATTERBOT_PREFIX)})
+    chatterbot_replies = [i for path in chatterbot_files for i in target_ids(read_documents(path, renderer))]
+    chatterbot_unigram_loss = unigram_cross_entropy(chatterbot_replies, heldout_targets, used_ids.tolist())
     best_unigram = unigram_entropy(heldout_targets)
 
     # 2) replies
@@ -111,6 +118,7 @@ def main() -> None:
         raise SystemExit(f"these prompts are in the training data: {leaked}")
     replies = [(prompt, greedy_reply(model, tokenizer, prompt, MAX_NEW_TOKENS)) for prompt in NEW_PROMPTS]
     demo_replies = [(prompt, greedy_reply(model, tokenizer, prompt, MAX_NEW_TOKENS)) for prompt in DEMO_PROMPTS]
+    hard_replies = [(prompt, greedy_reply(model, tokenizer, prompt, MAX_NEW_TOKENS)) for prompt in HARD_PROMPTS]
 
     # 3) plot
     plot_path = args.out.with_name("tiny_model_loss.png")
@@ -141,7 +149,10 @@ def main() -> None:
         "| model | cross-entropy (nats per token) |",
         "| --- | --- |",
         f"| loftey-tiny, full 151,646-way softmax of the expanded checkpoint | {model_loss:.3f} |",
-        f"| unigram fitted on the training targets (add-0.5 over the same {len(used_ids):,} ids) | {unigram_loss:.3f} |",
+        f"| unigram fitted on the training targets as trained (add-0.5 over the same {len(used_ids):,} ids) "
+        f"| {unigram_loss:.3f} |",
+        "| unigram fitted on the replies of the chatterbot training files only, each file once "
+        f"(the held-out set's kind of text; add-0.5) | {chatterbot_unigram_loss:.3f} |",
         f"| unigram fitted on the held-out targets themselves (no unigram model does better) | {best_unigram:.3f} |",
         "",
         f"The training run's own held-out measurements (float32) were lowest at step {best_step}, "
@@ -170,6 +181,15 @@ def main() -> None:
         "| prompt | reply |",
         "| --- | --- |",
         *[f"| {prompt} | {reply} |" for prompt, reply in demo_replies],
+        "",
+        "## Prompts beyond its small talk",
+        "",
+        "A 42M-parameter model trained for minutes on about 60,000 tokens of small talk knows no facts",
+        "and often misses topics it saw only a few times:",
+        "",
+        "| prompt | reply |",
+        "| --- | --- |",
+        *[f"| {prompt} | {reply} |" for prompt, reply in hard_replies],
         "",
     ]
     args.out.write_text("\n".join(lines), encoding="utf-8")

@@ -5,7 +5,7 @@ Steps of `train`:
 2. Choose the vocabulary. A bucket vocabulary is the ids the files use plus one bucket
    row for all others (see `loftey.train.vocab`); otherwise it is the config's full one.
 3. Build the model from the seed and train it with AdamW (linear warm-up, cosine decay),
-   optionally adding a Switch-style MoE load-balancing loss; measure the held-out loss
+   optionally adding a Switch-style MoE load-balancing loss. Measure the held-out loss
    every `eval_every` steps.
 4. Write the checkpoint in the published layout (expanded to the full vocabulary), the
    compact file when a bucket vocabulary was used, the loss plot and a JSON log.
@@ -127,7 +127,7 @@ class TrainResult:
 
 
 def learning_rate(step: int, settings: TrainSettings) -> float:
-    """Learning rate of 0-based `step`: linear warm-up, then cosine decay to min_lr_ratio * lr."""
+    """Return the learning rate of 0-based `step`: linear warm-up, then cosine decay to min_lr_ratio * lr."""
     warmup = settings.resolved_warmup_steps
     if step < warmup:
         return settings.lr * (step + 1) / warmup
@@ -155,7 +155,7 @@ class RouterStatistics:
         self.logits = []
 
     def load_balancing_loss(self, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Switch-Transformer loss E * sum_e f_e * P_e, averaged over layers, and the routed fractions.
+        """Compute the Switch-Transformer loss E * sum_e f_e * P_e, averaged over layers, and the routed fractions.
 
         f_e is the fraction of the valid tokens' A assignments that go to expert e, and it
         carries no gradient. P_e is the mean router probability of expert e. The loss is 1
@@ -222,7 +222,7 @@ class Trainer:
         return self.vocab.to_compact(full_ids) if self.vocab is not None else full_ids
 
     def token_losses(self, batch: Batch) -> torch.Tensor:
-        """Cross-entropy [N] of the full-vocabulary model at the batch's N target positions."""
+        """Compute the full-vocabulary model's cross-entropy [N] at the batch's N target positions."""
         input_ids = self._model_ids(batch.input_ids)  # [B, T]
         labels = self._model_ids(batch.labels).reshape(-1)  # [B*T]
         outputs = self.model.model(input_ids=input_ids, attention_mask=batch.attention_mask(), use_cache=False)
@@ -260,7 +260,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, batches: Sequence[Batch]) -> float:
-        """Mean loss per target token over `batches`, in eval mode."""
+        """Return the mean loss per target token over `batches`, computed in eval mode."""
         self.model.eval()
         if self.vocab is not None:
             checkpoint.fill_bucket_embedding(self.model.state_dict(), self.vocab)
@@ -273,7 +273,7 @@ class Trainer:
         return total / max(1, count)
 
     def expert_load(self, batches: Sequence[Batch]) -> list[list[float]] | None:
-        """Fraction of assignments per expert in each layer [layers][E] over `batches`."""
+        """Measure the fraction of assignments per expert in each layer [layers][E] over `batches`."""
         if not self.config.use_moe:
             return None
         statistics = RouterStatistics(self.model)
