@@ -54,6 +54,8 @@ MODEL = "dummy-235m"
 GRID_CONCURRENCY = 32
 SWEEP_GROUPS = 2
 SWEEP_EXECUTOR = "ray"
+# The forward step sets the serving pace when its mean is at least this fraction of the mean ITL.
+PACE_RATIO = 0.8
 # A 1-minute load average above this fraction of the cores means other work shared the machine.
 SHARED_LOAD_FRACTION = 0.75
 
@@ -363,27 +365,35 @@ and, with actor executors, the transport to the expert groups."""
 
 
 def conclusion(profiles: list[StageProfile], results: list[RunResult]) -> str:
-    """Name the costliest stage at the smallest and the largest profiled batch, and Forward.Step's share of ITL."""
-    local = [p for p in profiles if p.executor == "local" and p.dtype == "float32"] or profiles
-    smallest = min(local, key=lambda p: p.batch_size)
-    largest = max(local, key=lambda p: p.batch_size)
-    text = (
-        f"**Principal bottleneck:** at B = {smallest.batch_size} the costliest stage of a decode step is "
-        f"**{smallest.costliest_stage()}** ({smallest.stage_ms[smallest.costliest_stage()] / smallest.step_ms:.0%} "
-        f"of the step, {smallest.executor} {smallest.dtype}); at B = {largest.batch_size} it is "
-        f"**{largest.costliest_stage()}** ({largest.stage_ms[largest.costliest_stage()] / largest.step_ms:.0%})."
-    )
-    step_shares = [
+    """Name the costliest stage at the smallest and largest profiled batch per executor, and the step's pace."""
+    parts = []
+    for executor in dict.fromkeys(p.executor for p in profiles):
+        runs = [p for p in profiles if p.executor == executor and p.dtype == "float32"] or [
+            p for p in profiles if p.executor == executor
+        ]
+        smallest = min(runs, key=lambda p: p.batch_size)
+        largest = max(runs, key=lambda p: p.batch_size)
+        parts.append(
+            f"with the `{executor}` executor ({smallest.dtype}) the costliest stage of a decode step is "
+            f"**{smallest.costliest_stage()}** at B = {smallest.batch_size} "
+            f"({smallest.stage_ms[smallest.costliest_stage()] / smallest.step_ms:.0%} of the step) and "
+            f"**{largest.costliest_stage()}** at B = {largest.batch_size} "
+            f"({largest.stage_ms[largest.costliest_stage()] / largest.step_ms:.0%})"
+        )
+    text = "**Principal bottleneck:** " + "; ".join(parts) + "."
+    step_ratios = [
         r.server.mean_step_ms / r.summary.itl_ms.mean
         for r in results
         if r.server is not None and r.server.mean_step_ms and r.summary.itl_ms.mean
     ]
-    if step_shares:
+    if step_ratios:
         text += (
-            f" In the live servers, Forward.Step (as the orchestrator saw it) took {min(step_shares):.0%} to "
-            f"{max(step_shares):.0%} of the client's mean inter-token latency, so the forward step, not the "
-            f"orchestrator or the tokenizer, sets the pace wherever that share is high."
+            f" In the live servers, the mean Forward.Step as the orchestrator measured it was "
+            f"{min(step_ratios):.2f} to {max(step_ratios):.2f} times the client's mean inter-token latency (the "
+            f"step mean also counts prefill steps, which inter-token latency does not)."
         )
+        if min(step_ratios) >= PACE_RATIO:
+            text += " So the forward step, not the orchestrator or the tokenizer, sets the pace of serving here."
     return text
 
 

@@ -1,8 +1,8 @@
 """A fake loftey.v1.Generation server whose streams follow a known timetable.
 
-Each GenerateStream sends its first chunk `first_token_s` after the request arrives
-and then one chunk every `chunk_interval_s`, each carrying `tokens_per_chunk` tokens,
-until max_new_tokens are out; the last message carries the finish reason and usage.
+Each GenerateStream sends its first chunk `first_token_s` after the request arrives,
+then one chunk every `chunk_interval_s` with `tokens_per_chunk` tokens each, until
+max_new_tokens are out. The last message carries the finish reason and usage.
 Chunk times are fixed relative to the arrival (not slept one after the other), so a
 late wake-up delays one chunk without shifting the ones after it. Every send time is
 recorded, so tests can compare the client's figures with what the server did.

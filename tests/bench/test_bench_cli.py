@@ -96,8 +96,8 @@ def test_sweep_point_counts_expert_load(tiny_checkpoint, tmp_path):
     assert result.summary.output_tokens == num_prompts * output_len
     server = result.server
     assert server.source == "Forward.GetStats"
-    # Each prompt token is prefilled once and each output token but the last is decoded once;
-    # every such token goes to top-2 experts in each of the 2 layers.
+    # Each prompt token is prefilled once, and each output token but the last is decoded once.
+    # Every such token goes to top-2 experts in each of the 2 layers.
     tokens = num_prompts * prompt_len + num_prompts * (output_len - 1)
     assert sum(server.group_tokens.values()) == tokens * 2 * 2
     assert sum(server.group_shares.values()) == pytest.approx(1.0)

@@ -97,6 +97,7 @@ def plot_executor_grid(results: list[RunResult], path: Path, title: str = "") ->
 def plot_expert_load(results: list[RunResult], path: Path, title: str = "") -> Path:
     """Stacked bars of each expert group's share of token-expert assignments, per run."""
     runs = [r for r in results if r.server is not None and r.server.group_shares]
+    runs.sort(key=lambda r: (point_of(r)["expert_groups"], point_of(r)["executor"], point_of(r)["concurrency"]))
     figure, axis = plt.subplots(figsize=(9, 0.45 * len(runs) + 1.5))
     labels = []
     for row, result in enumerate(runs):
@@ -109,6 +110,7 @@ def plot_expert_load(results: list[RunResult], path: Path, title: str = "") -> P
         point = point_of(result)
         labels.append(f"{point['dtype']} G={point['expert_groups']} {point['executor']} c={point['concurrency']}")
     axis.set_yticks(range(len(runs)), labels, fontsize=8)
+    axis.invert_yaxis()
     axis.set_xlim(0, 1)
     axis.set_xlabel("share of token-expert assignments")
     if title:
