@@ -118,3 +118,43 @@ def test_metrics_url_from_appended_log(tmp_path):
     empty = tmp_path / "empty.log"
     empty.write_text("nothing here\n")
     assert metrics_url_from_log(empty) is None
+
+
+def test_bench_baseline_command(tiny_checkpoint, tmp_path):
+    result = CliRunner().invoke(app, [
+        "bench", "baseline", "--model", str(tiny_checkpoint), "--batch-size", "2", "--num-prompts", "3",
+        "--prompt-len", "4", "--output-len", "3", "--no-progress", "--output-dir", str(tmp_path),
+    ])
+    assert result.exit_code == 0, result.output
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert runs[0]["label"] == "transformers generate()"
+    assert runs[0]["summary"]["output_tokens"] == 9
+
+
+def test_bench_profile_command(tiny_checkpoint, tmp_path):
+    result = CliRunner().invoke(app, [
+        "bench", "profile", "--model", str(tiny_checkpoint), "--executor", "local", "--batch-sizes", "1,2",
+        "--context-tokens", "4", "--steps", "2", "--output-dir", str(tmp_path),
+    ])
+    assert result.exit_code == 0, result.output
+    profiles = json.loads((tmp_path / "profile.json").read_text())
+    assert [p["batch_size"] for p in profiles] == [1, 2]
+    assert "| costliest |" in (tmp_path / "profile.md").read_text()
+    assert (tmp_path / "profile.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_bench_sweep_command(tiny_checkpoint, tmp_path):
+    result = CliRunner().invoke(app, [
+        "bench", "sweep", "--model", str(tiny_checkpoint), "--dtypes", "float32", "--executors", "local",
+        "--expert-groups", "2", "--concurrency", "2", "--num-prompts", "2", "--prompt-len", "4", "--output-len", "3",
+        "--warmup", "1", "--no-progress", "--output-dir", str(tmp_path),
+    ])
+    assert result.exit_code == 0, result.output
+    runs = json.loads((tmp_path / "sweep.json").read_text())["runs"]
+    assert [run["label"] for run in runs] == [f"{tiny_checkpoint.name} float32 G=2 local c=2", "transformers generate()"]
+    assert all(run["summary"]["output_tokens"] == 6 for run in runs)
+    report = (tmp_path / "report.md").read_text()
+    assert "## Against transformers generate()" in report
+    for name in ("concurrency.png", "executors.png", "expert_load.png"):
+        assert (tmp_path / name).stat().st_size > 0
