@@ -44,6 +44,7 @@
 //! mass reaches `top_p`. When the batch has more than one row, the calling thread and
 //! `RAYON_NUM_THREADS - 1` threads of rayon's pool (all cores by default) share the rows.
 
+mod draw;
 mod kernels;
 mod parallel;
 mod simd;

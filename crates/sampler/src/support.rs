@@ -1,10 +1,8 @@
 //! The filtered distribution of a row (temperature, top-k, top-p, min-p) and the draw from
 //! it.
 
-use crate::kernels::{
-    chunk_sums, draw_from_sums, nth_with_bits, ranked_within, weights, weights_histogram, Histogram,
-    Scan,
-};
+use crate::draw::{draw_from_sums, nth_with_bits, ranked_within, Scan};
+use crate::kernels::{chunk_sums, weights, weights_histogram, Histogram};
 use crate::params::RowPlan;
 use crate::rng;
 use crate::simd::exp_non_positive;
