@@ -7,11 +7,17 @@ repetition_penalty, max_new_tokens, stop, stop_token_ids, ignore_eos, logprobs,
 request_id, and ``timeout`` (seconds, sent as the call's deadline). Options
 left as None take the server's defaults. A failed call raises LofteyError with
 the gRPC status code.
+
+For a server with TLS, pass ``tls=True`` (the system's CAs) or ``tls_ca`` (a
+PEM file), plus ``tls_cert`` and ``tls_key`` when it requires client
+certificates. For a server with token auth, pass ``token``, and every call
+then sends ``authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -28,6 +34,7 @@ from loftey.client.convert import (
 )
 from loftey.client.types import Completion, ModelInfo, StreamChunk
 from loftey.rpc import PUBLIC_MAX_MESSAGE_BYTES, channel_options
+from loftey.security import bearer_metadata, channel_credentials
 from loftey.v1 import generation_pb2, generation_pb2_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -36,9 +43,24 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 class LofteyClient:
     """Blocking client. Use as a context manager, or call close()."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS) -> None:
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        tls_ca: Path | None = None,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+    ) -> None:
         self.address = address
-        self._channel = grpc.insecure_channel(address, options=channel_options(PUBLIC_MAX_MESSAGE_BYTES))
+        self._metadata = bearer_metadata(token)
+        options = channel_options(PUBLIC_MAX_MESSAGE_BYTES)
+        if tls or tls_ca is not None or tls_cert is not None:
+            credentials = channel_credentials(tls_ca, tls_cert, tls_key)
+            self._channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
 
     def __enter__(self) -> LofteyClient:
@@ -64,7 +86,7 @@ class LofteyClient:
             prompt=build_prompt(prompt, messages, token_ids), **build_generate_fields(**options)
         )
         try:
-            return completion_from(self._stub.Generate(request, timeout=timeout))
+            return completion_from(self._stub.Generate(request, timeout=timeout, metadata=self._metadata))
         except grpc.RpcError as error:
             raise to_error(error) from None
 
@@ -84,7 +106,7 @@ class LofteyClient:
         request = generation_pb2.GenerateStreamRequest(
             prompt=build_prompt(prompt, messages, token_ids), **build_generate_fields(**options)
         )
-        call = self._stub.GenerateStream(request, timeout=timeout)
+        call = self._stub.GenerateStream(request, timeout=timeout, metadata=self._metadata)
         try:
             for response in call:
                 yield chunk_from(response)
@@ -100,7 +122,7 @@ class LofteyClient:
 
     def model_info(self, timeout: float | None = None) -> ModelInfo:
         try:
-            return model_info_from(self._stub.GetModelInfo(generation_pb2.GetModelInfoRequest(), timeout=timeout))
+            return model_info_from(self._stub.GetModelInfo(generation_pb2.GetModelInfoRequest(), timeout=timeout, metadata=self._metadata))
         except grpc.RpcError as error:
             raise to_error(error) from None
 
@@ -115,7 +137,7 @@ class LofteyClient:
         """Return the prompt's token count as Generate would see it, chat template included."""
         request = generation_pb2.CountTokensRequest(prompt=build_prompt(prompt, messages, token_ids))
         try:
-            return self._stub.CountTokens(request, timeout=timeout).token_count
+            return self._stub.CountTokens(request, timeout=timeout, metadata=self._metadata).token_count
         except grpc.RpcError as error:
             raise to_error(error) from None
 
@@ -123,9 +145,24 @@ class LofteyClient:
 class AsyncLofteyClient:
     """asyncio client with the same methods as LofteyClient, as coroutines and async iterators."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS) -> None:
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        tls_ca: Path | None = None,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+    ) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=channel_options(PUBLIC_MAX_MESSAGE_BYTES))
+        self._metadata = bearer_metadata(token)
+        options = channel_options(PUBLIC_MAX_MESSAGE_BYTES)
+        if tls or tls_ca is not None or tls_cert is not None:
+            credentials = channel_credentials(tls_ca, tls_cert, tls_key)
+            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
+        else:
+            self._channel = grpc.aio.insecure_channel(address, options=options)
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
 
     async def __aenter__(self) -> AsyncLofteyClient:
@@ -151,7 +188,7 @@ class AsyncLofteyClient:
             prompt=build_prompt(prompt, messages, token_ids), **build_generate_fields(**options)
         )
         try:
-            return completion_from(await self._stub.Generate(request, timeout=timeout))
+            return completion_from(await self._stub.Generate(request, timeout=timeout, metadata=self._metadata))
         except grpc.RpcError as error:
             raise to_error(error) from None
 
@@ -171,7 +208,7 @@ class AsyncLofteyClient:
         request = generation_pb2.GenerateStreamRequest(
             prompt=build_prompt(prompt, messages, token_ids), **build_generate_fields(**options)
         )
-        call = self._stub.GenerateStream(request, timeout=timeout)
+        call = self._stub.GenerateStream(request, timeout=timeout, metadata=self._metadata)
         try:
             async for response in call:
                 yield chunk_from(response)
@@ -187,7 +224,7 @@ class AsyncLofteyClient:
 
     async def model_info(self, timeout: float | None = None) -> ModelInfo:
         try:
-            reply = await self._stub.GetModelInfo(generation_pb2.GetModelInfoRequest(), timeout=timeout)
+            reply = await self._stub.GetModelInfo(generation_pb2.GetModelInfoRequest(), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise to_error(error) from None
         return model_info_from(reply)
@@ -203,6 +240,6 @@ class AsyncLofteyClient:
         """Return the prompt's token count as Generate would see it, chat template included."""
         request = generation_pb2.CountTokensRequest(prompt=build_prompt(prompt, messages, token_ids))
         try:
-            return (await self._stub.CountTokens(request, timeout=timeout)).token_count
+            return (await self._stub.CountTokens(request, timeout=timeout, metadata=self._metadata)).token_count
         except grpc.RpcError as error:
             raise to_error(error) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -14,6 +15,7 @@ from loftey.orchestrator.scheduler import Scheduler, SchedulerLimits
 from loftey.orchestrator.service import GenerationServicer, Runtime
 from loftey.orchestrator.validation import Limits, TextPrompt
 from loftey.rpc import PUBLIC_MAX_MESSAGE_BYTES, RunningServer, ServiceError, start_server
+from loftey.security import BearerTokenInterceptor, TlsFiles, read_token_file, server_credentials
 from loftey.v1 import generation_pb2, generation_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -55,6 +57,13 @@ class OrchestratorConfig:
     health_interval_s: float = 1.0
     # Seconds between Forward.GetStats scrapes for the expert-load metrics.
     stats_interval_s: float = 5.0
+    # PEM certificate chain and key of the public port; both None serves plaintext.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # PEM CA whose client certificates the public port requires (mutual TLS); None requires none.
+    tls_client_ca: Path | None = None
+    # File of accepted bearer tokens, one a line; None serves the public API without auth.
+    auth_token_file: Path | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_waiting", "max_prefill_tokens", "max_new_tokens_limit"):
@@ -63,6 +72,10 @@ class OrchestratorConfig:
         for name in ("shutdown_timeout_s", "step_timeout_s", "health_interval_s", "stats_interval_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError(f"tls_cert and tls_key go together, got tls_cert={self.tls_cert}, tls_key={self.tls_key}")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key: mutual TLS is TLS first")
 
 
 class Orchestrator:
@@ -105,6 +118,8 @@ class Orchestrator:
             lambda server: generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server),
             [SERVICE_NAME],
             max_message_bytes=PUBLIC_MAX_MESSAGE_BYTES,
+            interceptors=self._interceptors(),
+            credentials=self._credentials(),
         )
         if self.config.metrics_port >= 0:
             self._metrics_server = start_metrics_server(self.metrics, self.config.host, self.config.metrics_port)
@@ -140,6 +155,20 @@ class Orchestrator:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
         logger.info("orchestrator stopped")
+
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        if self.config.tls_cert is None:
+            return None
+        files = TlsFiles(self.config.tls_cert, self.config.tls_key, self.config.tls_client_ca)
+        logger.info("public port uses TLS%s", "" if files.client_ca is None else " with client certificates")
+        return server_credentials(files)
+
+    def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        if self.config.auth_token_file is None:
+            return []
+        tokens = read_token_file(self.config.auth_token_file)
+        logger.info("public API requires a bearer token (%d accepted)", len(tokens))
+        return [BearerTokenInterceptor(tokens)]
 
     def _require_runtime(self) -> Runtime:
         if self._draining:

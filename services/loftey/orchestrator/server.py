@@ -88,6 +88,17 @@ def serve_orchestrator(
     step_timeout: Annotated[
         float, typer.Option(min=0.001, help="Seconds one forward step may take before its requests fail.")
     ] = _DEFAULTS.step_timeout_s,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="PEM certificate chain of the public port; with --tls-key, serves TLS.")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
+    tls_client_ca: Annotated[
+        Path | None, typer.Option(help="PEM CA that must sign every client's certificate (mutual TLS).")
+    ] = None,
+    auth_token_file: Annotated[
+        Path | None,
+        typer.Option(help="File of accepted bearer tokens, one a line; calls without one are rejected."),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Logging level: DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Serve loftey.v1.Generation: continuous batching over the tokenizer and forward services."""
@@ -105,6 +116,10 @@ def serve_orchestrator(
         max_new_tokens_limit=max_new_tokens_limit,
         shutdown_timeout_s=shutdown_timeout,
         step_timeout_s=step_timeout,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_client_ca=tls_client_ca,
+        auth_token_file=auth_token_file,
     )
     asyncio.run(run_orchestrator(config, port_file))
 

@@ -1,0 +1,178 @@
+"""TLS credentials and bearer-token authentication for the gRPC services.
+
+The public API checks the ``authorization: Bearer <token>`` metadata of every
+call against the tokens of a token file: a call without one gets
+UNAUTHENTICATED, a call with a token that matches none gets PERMISSION_DENIED.
+Tokens are compared with :func:`hmac.compare_digest` (constant time) and are
+never logged. Health checks stay open so that load balancers and the launcher
+can probe a server without a token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+logger = logging.getLogger(__name__)
+
+AUTHORIZATION_KEY = "authorization"
+BEARER_PREFIX = "Bearer "
+# Methods served without a token: the standard health service only.
+OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
+# A token shorter than this is rejected when the token file is read: it is too easy to guess.
+MIN_TOKEN_CHARS = 16
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of a TLS server: its certificate chain and key, and optionally a CA for client certificates."""
+
+    cert: Path
+    key: Path
+    # With a client CA, every client must present a certificate it signed (mutual TLS).
+    client_ca: Path | None = None
+
+
+def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
+    """Load a server's TLS credentials; raise FileNotFoundError naming a missing file."""
+    cert = _read_pem(files.cert, "TLS certificate")
+    key = _read_pem(files.key, "TLS key")
+    if files.client_ca is None:
+        return grpc.ssl_server_credentials([(key, cert)])
+    client_ca = _read_pem(files.client_ca, "TLS client CA")
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=True)
+
+
+def channel_credentials(
+    ca: Path | None = None, cert: Path | None = None, key: Path | None = None
+) -> grpc.ChannelCredentials:
+    """Load a client's TLS credentials: the CA to trust (None: the system's) and an optional client certificate."""
+    if (cert is None) != (key is None):
+        raise ValueError(f"a client certificate needs both cert and key, got cert={cert} and key={key}")
+    return grpc.ssl_channel_credentials(
+        root_certificates=None if ca is None else _read_pem(ca, "TLS CA"),
+        private_key=None if key is None else _read_pem(key, "TLS client key"),
+        certificate_chain=None if cert is None else _read_pem(cert, "TLS client certificate"),
+    )
+
+
+def read_token_file(path: Path) -> tuple[str, ...]:
+    """Read the accepted tokens, one a line; blank lines and lines starting with # are skipped.
+
+    Several tokens let a deployment rotate them without downtime. Raises
+    ValueError for a file with no token or a token under MIN_TOKEN_CHARS characters.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"auth token file {path} not found")
+    tokens = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        token = line.strip()
+        if not token or token.startswith("#"):
+            continue
+        if len(token) < MIN_TOKEN_CHARS:
+            # The message gives the length only: the token itself is a secret.
+            raise ValueError(
+                f"auth token on line {number} of {path} must be at least {MIN_TOKEN_CHARS} characters, "
+                f"got {len(token)}"
+            )
+        tokens.append(token)
+    if not tokens:
+        raise ValueError(f"auth token file {path} contains no token")
+    return tuple(tokens)
+
+
+def token_matches(presented: str, accepted: Sequence[str]) -> bool:
+    """Return whether the presented token equals one of the accepted tokens, comparing every one in constant time."""
+    presented_bytes = presented.encode()
+    matched = False
+    for token in accepted:
+        # No early exit, so the time taken does not tell which token matched.
+        matched |= hmac.compare_digest(presented_bytes, token.encode())
+    return matched
+
+
+def check_authorization(metadata: Sequence[tuple[str, str | bytes]], accepted: Sequence[str]) -> tuple[
+    grpc.StatusCode, str
+] | None:
+    """Return the status a call with this metadata gets, or None when its bearer token is accepted."""
+    values = [value for key, value in metadata if key == AUTHORIZATION_KEY]
+    if not values:
+        return grpc.StatusCode.UNAUTHENTICATED, (
+            f"missing {AUTHORIZATION_KEY} metadata; send '{AUTHORIZATION_KEY}: {BEARER_PREFIX}<token>'"
+        )
+    value = values[0] if isinstance(values[0], str) else values[0].decode(errors="replace")
+    if not value.startswith(BEARER_PREFIX):
+        return grpc.StatusCode.UNAUTHENTICATED, (
+            f"{AUTHORIZATION_KEY} metadata must be '{BEARER_PREFIX}<token>'"
+        )
+    if not token_matches(value[len(BEARER_PREFIX):].strip(), accepted):
+        return grpc.StatusCode.PERMISSION_DENIED, "bearer token is not valid for this server"
+    return None
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Reject calls without an accepted bearer token, except to the health service."""
+
+    def __init__(self, tokens: Sequence[str]) -> None:
+        if not tokens:
+            raise ValueError("BearerTokenInterceptor needs at least one token")
+        self._tokens = tuple(tokens)
+        self._rejected = 0
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        handler = await continuation(handler_call_details)
+        if handler is None or method.startswith(OPEN_METHOD_PREFIXES):
+            return handler
+        failure = check_authorization(handler_call_details.invocation_metadata or (), self._tokens)
+        if failure is None:
+            return handler
+        self._rejected += 1
+        # Counted, and logged at the first and then every 100th, so a flood of bad calls stays quiet.
+        if self._rejected == 1 or self._rejected % 100 == 0:
+            logger.warning("rejected call to %s: %s (%d rejected so far)", method, failure[0].name, self._rejected)
+        return _rejecting_handler(handler, *failure)
+
+
+def _rejecting_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """Build a handler of the same kind as handler that ends the call with code and message."""
+
+    async def reject_unary(request_or_iterator, context):
+        await context.abort(code, message)
+
+    async def reject_stream(request_or_iterator, context):
+        await context.abort(code, message)
+        yield  # pragma: no cover - makes this an async generator, as streaming handlers are
+
+    kinds: dict[tuple[bool, bool], Callable] = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    build = kinds[(handler.request_streaming, handler.response_streaming)]
+    return build(
+        reject_stream if handler.response_streaming else reject_unary,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """Return the call metadata that carries token, or none for no token."""
+    if token is None:
+        return ()
+    return ((AUTHORIZATION_KEY, f"{BEARER_PREFIX}{token}"),)
+
+
+def _read_pem(path: Path, description: str) -> bytes:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{description} file {path} not found")
+    return path.read_bytes()
