@@ -6,7 +6,8 @@ use crate::simd::{dispatch, exp_non_positive};
 /// Finds the element of `values` (non-negative, with a positive sum) whose interval contains
 /// `target` when the intervals are laid out in the order of [`tree_sum`]'s tree. From the
 /// root down, it goes to the left child when `target` is below its sum, else subtracts that
-/// sum and goes right. Children of sum 0 are never entered, so the element found has a positive value.
+/// sum and goes right. Children of sum 0 are never entered, so the element found has a
+/// positive value.
 fn descend(values: &[f32; CHUNK], target: f64) -> usize {
     // The levels one after another: the values, then each level of sums up to the root.
     let mut tree = [0.0f32; 2 * CHUNK];
@@ -61,14 +62,23 @@ dispatch! {
 /// reference), from the chunk sums
 /// that [`chunk_sums`] wrote for the same `row`, `max`, `scale` and `above_bits`: only the
 /// chunk that contains the target has its weights computed.
-pub fn draw_from_sums(row: &[f32], max: f32, scale: f32, above_bits: u32, sums: &[f32], target: f64) -> Scan {
+pub fn draw_from_sums(
+    row: &[f32],
+    max: f32,
+    scale: f32,
+    above_bits: u32,
+    sums: &[f32],
+    target: f64,
+) -> Scan {
     let mut mass = 0.0f64;
     let mut last_positive_chunk = None;
     for (chunk_index, &sum) in sums.iter().enumerate() {
         let chunk_mass = f64::from(sum);
         if mass + chunk_mass > target {
             let start = chunk_index * CHUNK;
-            let chunk = row.get(start..(start + CHUNK).min(row.len())).unwrap_or(&[]);
+            let chunk = row
+                .get(start..(start + CHUNK).min(row.len()))
+                .unwrap_or(&[]);
             let masked = masked_chunk_weights(chunk, max, scale, above_bits);
             return Scan::Token((start + descend(&masked, target - mass)) as u32);
         }
@@ -123,7 +133,12 @@ fn draw_scan_body<const FUSED: bool>(
     }
     let last = last_positive_chunk.and_then(|chunk_index| {
         let start = chunk_index * CHUNK;
-        chunk_weights::<FUSED>(&row[start..(start + CHUNK).min(row.len())], max, scale, &mut w);
+        chunk_weights::<FUSED>(
+            &row[start..(start + CHUNK).min(row.len())],
+            max,
+            scale,
+            &mut w,
+        );
         let offset = w.iter().rposition(|value| value.to_bits() > above_bits)?;
         Some((start + offset) as u32)
     });
@@ -160,7 +175,10 @@ fn ranked_within_body<const FUSED: bool>(
         scanned += f64::from(chunk_sum);
         // A chunk whose largest weight is below the token's, by more than the one ulp the
         // polynomial exponential may lose to rounding, adds nothing heavier and no tie.
-        let chunk_max = chunk_maxima.get(chunk_index).copied().unwrap_or(f32::INFINITY);
+        let chunk_max = chunk_maxima
+            .get(chunk_index)
+            .copied()
+            .unwrap_or(f32::INFINITY);
         if weight_of(chunk_max).to_bits().saturating_add(1) < bits {
             continue;
         }
@@ -169,7 +187,10 @@ fn ranked_within_body<const FUSED: bool>(
         let start = chunk_index * CHUNK;
         if start < token {
             let end = (token - start).min(chunk.len());
-            ties += w[..end].iter().filter(|value| value.to_bits() == bits).count();
+            ties += w[..end]
+                .iter()
+                .filter(|value| value.to_bits() == bits)
+                .count();
         }
 
         // Stop as soon as the rest of the row cannot change the result.
@@ -238,7 +259,9 @@ mod tests {
     use crate::kernels::{chunk_sums, weight_sum, weights};
 
     fn test_row() -> Vec<f32> {
-        (0..3001).map(|i| ((i * 7919) % 1000) as f32 * -0.01).collect()
+        (0..3001)
+            .map(|i| ((i * 7919) % 1000) as f32 * -0.01)
+            .collect()
     }
 
     #[test]
@@ -262,10 +285,20 @@ mod tests {
             }
         }
         for (id, &count) in hits.iter().enumerate() {
-            let expected = if w[id].to_bits() > above { f64::from(w[id]) / total * targets as f64 } else { 0.0 };
-            assert!((count as f64 - expected).abs() <= 2.0, "token {id}: {count} hits, expected {expected}");
+            let expected = if w[id].to_bits() > above {
+                f64::from(w[id]) / total * targets as f64
+            } else {
+                0.0
+            };
+            assert!(
+                (count as f64 - expected).abs() <= 2.0,
+                "token {id}: {count} hits, expected {expected}"
+            );
         }
-        assert!(matches!(draw_scan(row, max, 1.0, above, total), Scan::Short(Some(_))));
+        assert!(matches!(
+            draw_scan(row, max, 1.0, above, total),
+            Scan::Short(Some(_))
+        ));
 
         // Drawing from stored chunk sums gives the same tokens.
         let mut sums = Vec::new();
@@ -277,7 +310,10 @@ mod tests {
                 draw_scan(row, max, 1.0, above, target)
             );
         }
-        assert_eq!(draw_from_sums(row, max, 1.0, above, &sums, total), draw_scan(row, max, 1.0, above, total));
+        assert_eq!(
+            draw_from_sums(row, max, 1.0, above, &sums, total),
+            draw_scan(row, max, 1.0, above, total)
+        );
     }
 
     #[test]
@@ -290,11 +326,20 @@ mod tests {
         weights(&row, max, 1.0, &mut w);
         let mut sums = Vec::new();
         let total = chunk_sums(&row, max, 1.0, 0, &mut sums);
-        let chunk_maxima: Vec<f32> =
-            row.chunks(CHUNK).map(|c| c.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x))).collect();
+        let chunk_maxima: Vec<f32> = row
+            .chunks(CHUNK)
+            .map(|c| c.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)))
+            .collect();
         for token in [0, 10, 500, 2000, 2999] {
-            let heavier: f64 = w.iter().filter(|&&x| x > w[token]).map(|&x| f64::from(x)).sum();
-            let ties = w[..token].iter().filter(|&&x| x.to_bits() == w[token].to_bits()).count();
+            let heavier: f64 = w
+                .iter()
+                .filter(|&&x| x > w[token])
+                .map(|&x| f64::from(x))
+                .sum();
+            let ties = w[..token]
+                .iter()
+                .filter(|&&x| x.to_bits() == w[token].to_bits())
+                .count();
             let before = heavier + ties as f64 * f64::from(w[token]);
             for fraction in [0.01, 0.3, 0.6, 0.9, 0.999] {
                 let target = fraction * total;
@@ -302,7 +347,11 @@ mod tests {
                 if (before - target).abs() > 1e-6 * total {
                     for maxima in [&chunk_maxima[..], &[]] {
                         let within = ranked_within(&row, max, 1.0, token, target, &sums, maxima);
-                        assert_eq!(within, before < target, "token {token}, target {target}, before {before}");
+                        assert_eq!(
+                            within,
+                            before < target,
+                            "token {token}, target {target}, before {before}"
+                        );
                     }
                 }
             }

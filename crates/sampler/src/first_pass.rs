@@ -69,8 +69,9 @@ fn first_pass_body<const FUSED: bool>(
         match full {
             Some(full) => {
                 for (block, block_maximum) in block_maxima.iter_mut().enumerate() {
-                    let values: &[f32; BLOCK] =
-                        full[block * BLOCK..][..BLOCK].try_into().unwrap_or(&[f32::NAN; BLOCK]);
+                    let values: &[f32; BLOCK] = full[block * BLOCK..][..BLOCK]
+                        .try_into()
+                        .unwrap_or(&[f32::NAN; BLOCK]);
                     let (block_max_value, block_nan) = max_and_nan(values);
                     *block_maximum = block_max_value;
                     has_nan |= block_nan;
@@ -78,12 +79,18 @@ fn first_pass_body<const FUSED: bool>(
             }
             None => {
                 for &x in chunk {
-                    block_maxima[0] = if x > block_maxima[0] { x } else { block_maxima[0] };
+                    block_maxima[0] = if x > block_maxima[0] {
+                        x
+                    } else {
+                        block_maxima[0]
+                    };
                     has_nan |= x.is_nan();
                 }
             }
         }
-        let chunk_max = block_maxima.iter().fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+        let chunk_max = block_maxima
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
         if let Some(maxima) = chunk_maxima.as_mut() {
             maxima.push(chunk_max);
         }
@@ -111,8 +118,9 @@ fn first_pass_body<const FUSED: bool>(
                 Some(full) => {
                     for (block, &block_maximum) in block_maxima.iter().enumerate() {
                         if buffer.admits(block_maximum) {
-                            let values: &[f32; BLOCK] =
-                                full[block * BLOCK..][..BLOCK].try_into().unwrap_or(&[f32::NAN; BLOCK]);
+                            let values: &[f32; BLOCK] = full[block * BLOCK..][..BLOCK]
+                                .try_into()
+                                .unwrap_or(&[f32::NAN; BLOCK]);
                             buffer.consider_block(values, start + block * BLOCK);
                         }
                     }
@@ -129,7 +137,11 @@ fn first_pass_body<const FUSED: bool>(
     if let Some(buffer) = buffer {
         buffer.finish();
     }
-    FirstPass { max, has_nan, exp_sum: with_exp_sum.then_some(exp_sum) }
+    FirstPass {
+        max,
+        has_nan,
+        exp_sum: with_exp_sum.then_some(exp_sum),
+    }
 }
 
 dispatch! {
@@ -151,7 +163,9 @@ mod tests {
     use crate::top_k::by_rank;
 
     fn test_row(len: usize) -> Vec<f32> {
-        (0..len).map(|i| ((i * 7919) % 1000) as f32 * -0.01 + (i % 7) as f32 * 0.3).collect()
+        (0..len)
+            .map(|i| ((i * 7919) % 1000) as f32 * -0.01 + (i % 7) as f32 * 0.3)
+            .collect()
     }
 
     #[test]
@@ -161,19 +175,33 @@ mod tests {
             let mut candidates = Vec::new();
             let mut maxima = Vec::new();
             let pass = first_pass(&row, true, 10.min(len), &mut candidates, Some(&mut maxima));
-            let expected_maxima: Vec<f32> =
-                row.chunks(CHUNK).map(|c| c.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x))).collect();
+            let expected_maxima: Vec<f32> = row
+                .chunks(CHUNK)
+                .map(|c| c.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)))
+                .collect();
             assert_eq!(maxima, expected_maxima);
 
             let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
             assert_eq!(pass.max, max);
             assert!(!pass.has_nan);
-            let exp_sum: f64 = row.iter().map(|&x| (f64::from(x) - f64::from(max)).exp()).sum();
+            let exp_sum: f64 = row
+                .iter()
+                .map(|&x| (f64::from(x) - f64::from(max)).exp())
+                .sum();
             let found = pass.exp_sum.unwrap();
-            assert!((found - exp_sum).abs() < 1e-6 * exp_sum, "{found} vs {exp_sum}");
+            assert!(
+                (found - exp_sum).abs() < 1e-6 * exp_sum,
+                "{found} vs {exp_sum}"
+            );
 
-            let mut expected: Vec<Candidate> =
-                row.iter().enumerate().map(|(id, &logit)| Candidate { logit, id: id as u32 }).collect();
+            let mut expected: Vec<Candidate> = row
+                .iter()
+                .enumerate()
+                .map(|(id, &logit)| Candidate {
+                    logit,
+                    id: id as u32,
+                })
+                .collect();
             expected.sort_by(by_rank);
             expected.truncate(10.min(len));
             assert_eq!(candidates, expected, "len {len}");
@@ -188,7 +216,11 @@ mod tests {
         let pass = first_pass(&row, false, 0, &mut candidates, None);
         assert!(pass.has_nan);
         assert_eq!(pass.exp_sum, None);
-        assert_eq!(candidates.len(), 1, "candidates untouched without top_count");
+        assert_eq!(
+            candidates.len(),
+            1,
+            "candidates untouched without top_count"
+        );
 
         let all_neg_inf = vec![f32::NEG_INFINITY; 300];
         let pass = first_pass(&all_neg_inf, true, 0, &mut candidates, None);

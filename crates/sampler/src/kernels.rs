@@ -16,14 +16,21 @@ pub const CHUNK: usize = 256;
 
 /// Writes the weights of `chunk` (at most [`CHUNK`] logits) to `w`, and 0 past its end.
 #[inline(always)]
-pub(crate) fn chunk_weights<const FUSED: bool>(chunk: &[f32], max: f32, scale: f32, w: &mut [f32; CHUNK]) {
+pub(crate) fn chunk_weights<const FUSED: bool>(
+    chunk: &[f32],
+    max: f32,
+    scale: f32,
+    w: &mut [f32; CHUNK],
+) {
     if let Ok(full) = <&[f32; CHUNK]>::try_from(chunk) {
         for i in 0..CHUNK {
             w[i] = exp_non_positive::<FUSED>((full[i] - max) * scale);
         }
     } else {
         for (i, out) in w.iter_mut().enumerate() {
-            *out = chunk.get(i).map_or(0.0, |&x| exp_non_positive::<FUSED>((x - max) * scale));
+            *out = chunk
+                .get(i)
+                .map_or(0.0, |&x| exp_non_positive::<FUSED>((x - max) * scale));
         }
     }
 }
@@ -34,7 +41,11 @@ pub(crate) fn chunk_weights<const FUSED: bool>(chunk: &[f32], max: f32, scale: f
 pub(crate) fn mask_weights(w: &[f32; CHUNK], above_bits: u32) -> [f32; CHUNK] {
     let mut masked = [0.0f32; CHUNK];
     for i in 0..CHUNK {
-        masked[i] = if w[i].to_bits() > above_bits { w[i] } else { 0.0 };
+        masked[i] = if w[i].to_bits() > above_bits {
+            w[i]
+        } else {
+            0.0
+        };
     }
     masked
 }
@@ -143,22 +154,29 @@ pub struct Histogram {
 
 impl Histogram {
     pub fn new() -> Self {
-        Self { significand_sums: vec![0; HISTOGRAM_SIZE] }
+        Self {
+            significand_sums: vec![0; HISTOGRAM_SIZE],
+        }
     }
 
     /// Writes the sum of the weights in each bucket to `out`. Buckets of biased exponent 0
     /// hold only zero weights (subnormal ones are flushed), so their mass is 0.
     pub fn masses(&self, out: &mut Vec<f64>) {
         out.clear();
-        out.extend(self.significand_sums.iter().enumerate().map(|(bucket, &sum)| {
-            let biased_exponent = (bucket as u64) >> (23 - COARSE_SHIFT);
-            if biased_exponent == 0 {
-                return 0.0;
-            }
-            // A significand s of a float with biased exponent e is worth s * 2^(e - 150).
-            let scale = f64::from_bits((biased_exponent + 1023 - 150) << 52);
-            sum as f64 * scale
-        }));
+        out.extend(
+            self.significand_sums
+                .iter()
+                .enumerate()
+                .map(|(bucket, &sum)| {
+                    let biased_exponent = (bucket as u64) >> (23 - COARSE_SHIFT);
+                    if biased_exponent == 0 {
+                        return 0.0;
+                    }
+                    // A significand s of a float with biased exponent e is worth s * 2^(e - 150).
+                    let scale = f64::from_bits((biased_exponent + 1023 - 150) << 52);
+                    sum as f64 * scale
+                }),
+        );
     }
 }
 
@@ -242,7 +260,9 @@ mod tests {
     use crate::draw::nth_with_bits;
 
     fn test_row() -> Vec<f32> {
-        (0..3001).map(|i| ((i * 7919) % 1000) as f32 * -0.01).collect()
+        (0..3001)
+            .map(|i| ((i * 7919) % 1000) as f32 * -0.01)
+            .collect()
     }
 
     #[test]
@@ -262,7 +282,10 @@ mod tests {
         histogram.masses(&mut masses);
         // The histogram's integer sums are exact; the chunk sums are f32 trees of 64 values.
         let histogram_total: f64 = masses.iter().sum();
-        assert!((histogram_total - naive).abs() < 1e-12 * naive, "{histogram_total} vs {naive}");
+        assert!(
+            (histogram_total - naive).abs() < 1e-12 * naive,
+            "{histogram_total} vs {naive}"
+        );
         let total = weight_sum(&row, max, 0.5, 0);
         assert!((total - naive).abs() < 1e-6 * naive, "{total} vs {naive}");
         let above_half = weight_sum(&row, max, 0.5, 0.5f32.to_bits());
@@ -286,7 +309,9 @@ mod tests {
         assert_eq!(items, expected);
 
         let bits = w[100].to_bits();
-        let same: Vec<u32> = (0..row.len() as u32).filter(|&i| w[i as usize].to_bits() == bits).collect();
+        let same: Vec<u32> = (0..row.len() as u32)
+            .filter(|&i| w[i as usize].to_bits() == bits)
+            .collect();
         for (rank, &id) in same.iter().enumerate() {
             assert_eq!(nth_with_bits(&row, max, 1.0, bits, rank), Some(id));
         }

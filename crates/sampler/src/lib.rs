@@ -45,16 +45,16 @@
 //! `RAYON_NUM_THREADS - 1` threads of rayon's pool (all cores by default) share the rows.
 
 mod draw;
+mod first_pass;
 mod kernels;
 mod parallel;
-mod simd;
 mod params;
 pub mod rng;
 mod row;
+mod simd;
+mod support;
 mod top_k;
 mod top_p;
-mod first_pass;
-mod support;
 
 #[cfg(feature = "python")]
 mod python;
@@ -62,10 +62,10 @@ mod python;
 use std::cell::RefCell;
 use std::fmt;
 
-pub use params::{InputError, SamplingParams};
 use params::RowPlan;
-pub use row::{RowErrorKind, RowSample};
+pub use params::{InputError, SamplingParams};
 use row::Scratch;
+pub use row::{RowErrorKind, RowSample};
 
 /// A row that could not be sampled; the other rows of its batch are unaffected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,10 +80,18 @@ impl fmt::Display for RowError {
         match self.kind {
             RowErrorKind::Nan => write!(f, "row {}: logits contain NaN", self.row),
             RowErrorKind::AllNegativeInfinity => {
-                write!(f, "row {}: every logit is -inf, so no token can be sampled", self.row)
+                write!(
+                    f,
+                    "row {}: every logit is -inf, so no token can be sampled",
+                    self.row
+                )
             }
             RowErrorKind::Internal => {
-                write!(f, "row {}: the sampler failed on this row (a bug: please report it)", self.row)
+                write!(
+                    f,
+                    "row {}: the sampler failed on this row (a bug: please report it)",
+                    self.row
+                )
             }
         }
     }
@@ -119,9 +127,17 @@ fn plan_batch(
         return Err(InputError::VocabularyTooLarge { vocab_size });
     }
     if rows.checked_mul(vocab_size) != Some(logits.len()) {
-        return Err(InputError::LogitsLength { len: logits.len(), rows, vocab_size });
+        return Err(InputError::LogitsLength {
+            len: logits.len(),
+            rows,
+            vocab_size,
+        });
     }
-    params.iter().enumerate().map(|(row, p)| RowPlan::new(p, row, vocab_size)).collect()
+    params
+        .iter()
+        .enumerate()
+        .map(|(row, p)| RowPlan::new(p, row, vocab_size))
+        .collect()
 }
 
 /// Samples one token for each row of `logits`, a row-major `[params.len(), vocab_size]`
@@ -154,7 +170,13 @@ pub fn sample_batch(
     // The calling thread and RAYON_NUM_THREADS - 1 helpers share the rows.
     let helpers = rayon::current_num_threads().saturating_sub(1);
     if plans.len() > 1 && helpers > 0 {
-        return Ok(parallel::sample_rows(logits, vocab_size, plans, num_logprobs, helpers));
+        return Ok(parallel::sample_rows(
+            logits,
+            vocab_size,
+            plans,
+            num_logprobs,
+            helpers,
+        ));
     }
     let results = logits
         .chunks_exact(vocab_size)
@@ -189,7 +211,9 @@ pub fn filtered_distribution(
     params: &SamplingParams,
 ) -> Result<Result<Vec<(u32, f64)>, RowError>, InputError> {
     let plans = plan_batch(logits, logits.len(), std::slice::from_ref(params))?;
-    let plan = plans.first().ok_or(InputError::EmptyVocabulary { rows: 1 })?;
+    let plan = plans
+        .first()
+        .ok_or(InputError::EmptyVocabulary { rows: 1 })?;
     let distribution = with_scratch(|scratch| row::filtered_distribution(logits, plan, scratch));
     Ok(distribution.map_err(|kind| RowError { row: 0, kind }))
 }

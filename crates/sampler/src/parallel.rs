@@ -36,12 +36,21 @@ impl Shared {
     /// Samples row `row`, which the calling thread has claimed, from `logits`.
     fn sample_claimed(&self, logits: &[f32], row: usize) {
         let start = row * self.vocab_size;
-        let result = match (logits.get(start..start + self.vocab_size), self.plans.get(row)) {
-            (Some(logits_row), Some(plan)) => {
-                catch_unwind(AssertUnwindSafe(|| sample_one_row(row, logits_row, plan, self.num_logprobs)))
-                    .unwrap_or_else(|_| Err(RowError { row, kind: crate::RowErrorKind::Internal }))
-            }
-            _ => Err(RowError { row, kind: crate::RowErrorKind::Internal }),
+        let result = match (
+            logits.get(start..start + self.vocab_size),
+            self.plans.get(row),
+        ) {
+            (Some(logits_row), Some(plan)) => catch_unwind(AssertUnwindSafe(|| {
+                sample_one_row(row, logits_row, plan, self.num_logprobs)
+            }))
+            .unwrap_or(Err(RowError {
+                row,
+                kind: crate::RowErrorKind::Internal,
+            })),
+            _ => Err(RowError {
+                row,
+                kind: crate::RowErrorKind::Internal,
+            }),
         };
         if let Ok(mut results) = self.results.lock() {
             if let Some(slot) = results.get_mut(row) {
@@ -117,6 +126,11 @@ pub fn sample_rows(
     results
         .drain(..)
         .enumerate()
-        .map(|(row, result)| result.unwrap_or(Err(RowError { row, kind: crate::RowErrorKind::Internal })))
+        .map(|(row, result)| {
+            result.unwrap_or(Err(RowError {
+                row,
+                kind: crate::RowErrorKind::Internal,
+            }))
+        })
         .collect()
 }

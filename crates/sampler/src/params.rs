@@ -24,17 +24,32 @@ pub struct SamplingParams {
 
 impl SamplingParams {
     /// Greedy decoding: temperature 0, every filter disabled.
-    pub const GREEDY: SamplingParams =
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 0, step: 0 };
+    pub const GREEDY: SamplingParams = SamplingParams {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        min_p: 0.0,
+        seed: 0,
+        step: 0,
+    };
 }
 
 /// Input that makes the whole call invalid.
 #[derive(Clone, Debug, PartialEq)]
 pub enum InputError {
     /// A sampling parameter is outside its range (NaN is outside every range).
-    Parameter { name: &'static str, row: usize, value: String, range: &'static str },
+    Parameter {
+        name: &'static str,
+        row: usize,
+        value: String,
+        range: &'static str,
+    },
     /// The logits slice does not hold `rows` rows of `vocab_size` values.
-    LogitsLength { len: usize, rows: usize, vocab_size: usize },
+    LogitsLength {
+        len: usize,
+        rows: usize,
+        vocab_size: usize,
+    },
     /// Rows were given with a vocabulary size of 0.
     EmptyVocabulary { rows: usize },
     /// Token ids are u32, so a larger vocabulary cannot be indexed.
@@ -46,16 +61,28 @@ pub enum InputError {
 impl fmt::Display for InputError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Parameter { name, row, value, range } => {
+            Self::Parameter {
+                name,
+                row,
+                value,
+                range,
+            } => {
                 write!(f, "{name}[{row}] = {value} is outside {range}")
             }
-            Self::LogitsLength { len, rows, vocab_size } => write!(
+            Self::LogitsLength {
+                len,
+                rows,
+                vocab_size,
+            } => write!(
                 f,
                 "logits has {len} values but {rows} rows of vocab_size {vocab_size} need {}",
                 rows.saturating_mul(*vocab_size)
             ),
             Self::EmptyVocabulary { rows } => {
-                write!(f, "logits has {rows} rows of 0 values; vocab_size must be at least 1")
+                write!(
+                    f,
+                    "logits has {rows} rows of 0 values; vocab_size must be at least 1"
+                )
             }
             Self::VocabularyTooLarge { vocab_size } => {
                 write!(f, "vocab_size = {vocab_size} is outside [1, {}]", u32::MAX)
@@ -85,8 +112,18 @@ pub(crate) struct RowPlan {
     pub step: u64,
 }
 
-fn out_of_range(name: &'static str, row: usize, value: impl ToString, range: &'static str) -> InputError {
-    InputError::Parameter { name, row, value: value.to_string(), range }
+fn out_of_range(
+    name: &'static str,
+    row: usize,
+    value: impl ToString,
+    range: &'static str,
+) -> InputError {
+    InputError::Parameter {
+        name,
+        row,
+        value: value.to_string(),
+        range,
+    }
 }
 
 impl RowPlan {
@@ -96,7 +133,14 @@ impl RowPlan {
     ///
     /// Returns [`InputError::Parameter`] naming the first parameter outside its range.
     pub fn new(params: &SamplingParams, row: usize, vocab_size: usize) -> Result<Self, InputError> {
-        let SamplingParams { temperature, top_k, top_p, min_p, seed, step } = *params;
+        let SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            seed,
+            step,
+        } = *params;
         if !(temperature.is_finite() && temperature >= 0.0) {
             return Err(out_of_range("temperature", row, temperature, "[0, inf)"));
         }
@@ -132,7 +176,10 @@ mod tests {
     use super::*;
 
     fn with(change: impl FnOnce(&mut SamplingParams)) -> Result<RowPlan, InputError> {
-        let mut params = SamplingParams { temperature: 1.0, ..SamplingParams::GREEDY };
+        let mut params = SamplingParams {
+            temperature: 1.0,
+            ..SamplingParams::GREEDY
+        };
         change(&mut params);
         RowPlan::new(&params, 2, 100)
     }
@@ -140,16 +187,34 @@ mod tests {
     #[test]
     fn out_of_range_messages() {
         let message = |change: fn(&mut SamplingParams)| with(change).unwrap_err().to_string();
-        assert_eq!(message(|p| p.top_p = 1.5), "top_p[2] = 1.5 is outside [0, 1]");
-        assert_eq!(message(|p| p.top_p = f32::NAN), "top_p[2] = NaN is outside [0, 1]");
-        assert_eq!(message(|p| p.min_p = -0.5), "min_p[2] = -0.5 is outside [0, 1]");
-        assert_eq!(message(|p| p.temperature = -1.0), "temperature[2] = -1 is outside [0, inf)");
-        assert_eq!(message(|p| p.temperature = f32::NAN), "temperature[2] = NaN is outside [0, inf)");
+        assert_eq!(
+            message(|p| p.top_p = 1.5),
+            "top_p[2] = 1.5 is outside [0, 1]"
+        );
+        assert_eq!(
+            message(|p| p.top_p = f32::NAN),
+            "top_p[2] = NaN is outside [0, 1]"
+        );
+        assert_eq!(
+            message(|p| p.min_p = -0.5),
+            "min_p[2] = -0.5 is outside [0, 1]"
+        );
+        assert_eq!(
+            message(|p| p.temperature = -1.0),
+            "temperature[2] = -1 is outside [0, inf)"
+        );
+        assert_eq!(
+            message(|p| p.temperature = f32::NAN),
+            "temperature[2] = NaN is outside [0, inf)"
+        );
         assert_eq!(
             message(|p| p.temperature = f32::INFINITY),
             "temperature[2] = inf is outside [0, inf)"
         );
-        assert_eq!(message(|p| p.top_k = -3), "top_k[2] = -3 is outside [0, inf)");
+        assert_eq!(
+            message(|p| p.top_k = -3),
+            "top_k[2] = -3 is outside [0, inf)"
+        );
     }
 
     #[test]

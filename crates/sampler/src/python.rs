@@ -43,7 +43,9 @@ impl SampleResult {
     /// float32 [B, num_logprobs]: their logprobs, or None when num_logprobs is 0.
     #[getter]
     fn top_logprobs<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyArray2<f32>>> {
-        self.top_logprobs.as_ref().map(|array| array.bind(py).clone())
+        self.top_logprobs
+            .as_ref()
+            .map(|array| array.bind(py).clone())
     }
 
     /// Per row: None, or the reason the row could not be sampled.
@@ -58,7 +60,10 @@ impl SampleResult {
 
     fn __repr__(&self, py: Python<'_>) -> String {
         let failed = self.errors.iter().filter(|error| error.is_some()).count();
-        format!("SampleResult(tokens={}, failed_rows={failed})", self.tokens.bind(py))
+        format!(
+            "SampleResult(tokens={}, failed_rows={failed})",
+            self.tokens.bind(py)
+        )
     }
 }
 
@@ -66,7 +71,14 @@ impl SampleResult {
 fn shape_text(shape: &[usize]) -> String {
     match shape {
         [single] => format!("({single},)"),
-        _ => format!("({})", shape.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")),
+        _ => format!(
+            "({})",
+            shape
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     }
 }
 
@@ -77,7 +89,10 @@ fn typed_array<'py, T: Element>(
     dtype_name: &str,
 ) -> PyResult<Bound<'py, PyUntypedArray>> {
     let Ok(array) = object.cast::<PyUntypedArray>() else {
-        let type_name = object.get_type().name().map_or_else(|_| "?".to_owned(), |n| n.to_string());
+        let type_name = object
+            .get_type()
+            .name()
+            .map_or_else(|_| "?".to_owned(), |n| n.to_string());
         return Err(PyTypeError::new_err(format!(
             "{name} must be a numpy array of {dtype_name}, got {type_name}"
         )));
@@ -108,13 +123,16 @@ fn row_parameter<T: Element + Copy>(
         )));
     }
     let array = array.cast::<PyArray1<T>>()?;
-    let values = array.try_readonly().map_err(|e| PyValueError::new_err(format!("{name}: {e}")))?;
+    let values = array
+        .try_readonly()
+        .map_err(|e| PyValueError::new_err(format!("{name}: {e}")))?;
     Ok(values.as_array().iter().copied().collect())
 }
 
 /// Shapes `values` (filled row by row) as a [rows, columns] array.
 fn matrix<T>(rows: usize, columns: usize, values: Vec<T>) -> PyResult<Array2<T>> {
-    Array2::from_shape_vec((rows, columns), values).map_err(|e| PyValueError::new_err(e.to_string()))
+    Array2::from_shape_vec((rows, columns), values)
+        .map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
 /// Sample one token per row of `logits`.
@@ -145,7 +163,9 @@ fn sample(
     };
     let c_contiguous = logits.is_c_contiguous();
     let logits = logits.cast::<PyArray2<f32>>()?;
-    let logits = logits.try_readonly().map_err(|e| PyValueError::new_err(format!("logits: {e}")))?;
+    let logits = logits
+        .try_readonly()
+        .map_err(|e| PyValueError::new_err(format!("logits: {e}")))?;
     let copied: Vec<f32>;
     let logits_values: &[f32] = match logits.as_slice() {
         Ok(values) if c_contiguous => values,
@@ -173,7 +193,10 @@ fn sample(
         })
         .collect();
     let num_logprobs = usize::try_from(num_logprobs)
-        .map_err(|_| InputError::NumLogprobs { value: num_logprobs, vocab_size })
+        .map_err(|_| InputError::NumLogprobs {
+            value: num_logprobs,
+            vocab_size,
+        })
         .map_err(|e| PyValueError::new_err(e.to_string()))?;
 
     // 3. Sample with the GIL released.
@@ -206,8 +229,12 @@ fn sample(
         }
     }
     let (top_ids, top_logprobs) = if num_logprobs > 0 {
-        let ids = matrix(rows, num_logprobs, top_ids)?.into_pyarray(py).unbind();
-        let values = matrix(rows, num_logprobs, top_logprobs)?.into_pyarray(py).unbind();
+        let ids = matrix(rows, num_logprobs, top_ids)?
+            .into_pyarray(py)
+            .unbind();
+        let values = matrix(rows, num_logprobs, top_logprobs)?
+            .into_pyarray(py)
+            .unbind();
         (Some(ids), Some(values))
     } else {
         (None, None)

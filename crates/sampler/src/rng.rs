@@ -56,7 +56,11 @@ mod tests {
     // Known-answer vectors of the Random123 distribution (file kat_vectors, lines
     // "philox4x32 10 ..."): counter, key, expected output.
     const KNOWN_ANSWERS: [([u32; 4], [u32; 2], [u32; 4]); 3] = [
-        ([0; 4], [0; 2], [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8]),
+        (
+            [0; 4],
+            [0; 2],
+            [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8],
+        ),
         (
             [u32::MAX; 4],
             [u32::MAX; 2],
@@ -72,7 +76,11 @@ mod tests {
     #[test]
     fn philox_matches_known_answers() {
         for (counter, key, expected) in KNOWN_ANSWERS {
-            assert_eq!(philox4x32_10(counter, key), expected, "counter {counter:x?}");
+            assert_eq!(
+                philox4x32_10(counter, key),
+                expected,
+                "counter {counter:x?}"
+            );
         }
     }
 
@@ -115,9 +123,14 @@ mod tests {
             counts[(uniform(99, step, 0) * 10.0) as usize] += 1;
         }
         let expected = n as f64 / 10.0;
-        let chi_square: f64 =
-            counts.iter().map(|&c| (c as f64 - expected).powi(2) / expected).sum();
+        let chi_square: f64 = counts
+            .iter()
+            .map(|&c| (c as f64 - expected).powi(2) / expected)
+            .sum();
         // 9 degrees of freedom: P(chi-square > 33.7) = 1e-4.
-        assert!(chi_square < 33.7, "chi-square {chi_square}, counts {counts:?}");
+        assert!(
+            chi_square < 33.7,
+            "chi-square {chi_square}, counts {counts:?}"
+        );
     }
 }

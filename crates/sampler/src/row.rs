@@ -72,10 +72,16 @@ fn prepare<'a>(
     let with_exp_sum = plan.greedy || top_k_path || plan.inv_temperature != 1.0;
 
     // Ranking a drawn token against the row skips the chunks whose maximum is too light.
-    let by_rejection = !plan.greedy && !top_k_path && plan.top_p < 1.0 && plan.top_p >= REJECTION_MIN_TOP_P;
+    let by_rejection =
+        !plan.greedy && !top_k_path && plan.top_p < 1.0 && plan.top_p >= REJECTION_MIN_TOP_P;
 
-    let mut pass =
-        first_pass(row, with_exp_sum, top_count, candidates, by_rejection.then_some(&mut *chunk_maxima));
+    let mut pass = first_pass(
+        row,
+        with_exp_sum,
+        top_count,
+        candidates,
+        by_rejection.then_some(&mut *chunk_maxima),
+    );
     if pass.has_nan {
         return Err(RowErrorKind::Nan);
     }
@@ -85,7 +91,13 @@ fn prepare<'a>(
     let mut row = row;
     if pass.max == f32::INFINITY {
         substitute.clear();
-        substitute.extend(row.iter().map(|&x| if x == f32::INFINITY { 0.0 } else { f32::NEG_INFINITY }));
+        substitute.extend(row.iter().map(|&x| {
+            if x == f32::INFINITY {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            }
+        }));
         pass = first_pass(
             substitute,
             with_exp_sum,
@@ -118,20 +130,47 @@ pub(crate) fn sample_row(
     num_logprobs: usize,
     scratch: &mut Scratch,
 ) -> Result<RowSample, RowErrorKind> {
-    let Scratch { substitute, candidates, chunk_maxima, work } = scratch;
-    let Checked { prepared, log_exp_sum } =
-        prepare(row, plan, num_logprobs, substitute, candidates, chunk_maxima)?;
+    let Scratch {
+        substitute,
+        candidates,
+        chunk_maxima,
+        work,
+    } = scratch;
+    let Checked {
+        prepared,
+        log_exp_sum,
+    } = prepare(
+        row,
+        plan,
+        num_logprobs,
+        substitute,
+        candidates,
+        chunk_maxima,
+    )?;
     let (token, total) = support::sample(prepared, plan, work);
 
     // Logprobs under the model's distribution: log_softmax(x) = x - max - ln(sum(exp(x - max))).
-    let Prepared { row, max, candidates, .. } = prepared;
+    let Prepared {
+        row,
+        max,
+        candidates,
+        ..
+    } = prepared;
     let log_normalizer = log_exp_sum
         .or_else(|| total.filter(|_| plan.inv_temperature == 1.0).map(f64::ln))
         .unwrap_or_else(|| weight_sum(row, max, 1.0, 0).ln());
     let logprob_of = |x: f32| (f64::from(x - max) - log_normalizer) as f32;
     let logprob = logprob_of(row.get(token as usize).copied().unwrap_or(f32::NAN));
-    let top = candidates.iter().take(num_logprobs).map(|c| (c.id, logprob_of(c.logit))).collect();
-    Ok(RowSample { token, logprob, top })
+    let top = candidates
+        .iter()
+        .take(num_logprobs)
+        .map(|c| (c.id, logprob_of(c.logit)))
+        .collect();
+    Ok(RowSample {
+        token,
+        logprob,
+        top,
+    })
 }
 
 /// Returns the filtered distribution of one row as (token id, probability) pairs in id
@@ -148,7 +187,12 @@ pub(crate) fn filtered_distribution(
     plan: &RowPlan,
     scratch: &mut Scratch,
 ) -> Result<Vec<(u32, f64)>, RowErrorKind> {
-    let Scratch { substitute, candidates, chunk_maxima, work } = scratch;
+    let Scratch {
+        substitute,
+        candidates,
+        chunk_maxima,
+        work,
+    } = scratch;
     let Checked { prepared, .. } = prepare(row, plan, 0, substitute, candidates, chunk_maxima)?;
     let (support, _) = support::build(prepared, plan, work);
     let mut distribution = support::enumerate(&support);

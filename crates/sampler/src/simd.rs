@@ -17,7 +17,14 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 /// Adding 1.5 * 2^23 rounds an f32 of magnitude below 2^22 to the nearest integer.
 const ROUND_MAGIC: f32 = 12_582_912.0;
 // Minimax polynomial for (e^r - 1 - r) / r^2 on |r| <= ln(2) / 2 (Cephes expf).
-const EXP_POLY: [f32; 6] = [1.987_569_2e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5];
+const EXP_POLY: [f32; 6] = [
+    1.987_569_2e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
 
 /// `a * b + c`, rounded once when `FUSED` (used only in builds with FMA enabled).
 #[inline(always)]
@@ -125,7 +132,10 @@ mod tests {
         while x > EXP_MIN_INPUT {
             for fast in [exp_non_positive::<false>(x), exp_non_positive::<true>(x)] {
                 let exact = x.exp();
-                assert!(ulp_distance(fast, exact) <= 2, "exp({x}) = {fast}, std gives {exact}");
+                assert!(
+                    ulp_distance(fast, exact) <= 2,
+                    "exp({x}) = {fast}, std gives {exact}"
+                );
             }
             x -= 0.000_37;
         }

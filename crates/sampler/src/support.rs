@@ -49,12 +49,23 @@ pub enum Support<'a> {
     /// The tokens of the whole row that a cut keeps, with weights exp((x - max) * scale).
     /// `strict_mass` is the weight of those strictly above the cut's threshold, and
     /// `strict_sums` its chunk sums.
-    Row { row: &'a [f32], max: f32, scale: f32, cut: Cut, strict_mass: f64, strict_sums: &'a [f32] },
+    Row {
+        row: &'a [f32],
+        max: f32,
+        scale: f32,
+        cut: Cut,
+        strict_mass: f64,
+        strict_sums: &'a [f32],
+    },
 }
 
 /// Keeps the top-k candidates of `row`, then applies top-p and min-p to them. Returns them
 /// as (weight, id), heaviest first (ties to the lower id).
-fn top_k_support<'a>(prepared: Prepared<'_>, plan: &RowPlan, work: &'a mut Workspace) -> Support<'a> {
+fn top_k_support<'a>(
+    prepared: Prepared<'_>,
+    plan: &RowPlan,
+    work: &'a mut Workspace,
+) -> Support<'a> {
     let weighted = &mut work.weighted;
     let scale = plan.inv_temperature;
 
@@ -63,7 +74,12 @@ fn top_k_support<'a>(prepared: Prepared<'_>, plan: &RowPlan, work: &'a mut Works
     weighted.extend(
         prepared.candidates[..plan.top_k.min(prepared.candidates.len())]
             .iter()
-            .map(|c| (exp_non_positive::<false>((c.logit - prepared.max) * scale), c.id)),
+            .map(|c| {
+                (
+                    exp_non_positive::<false>((c.logit - prepared.max) * scale),
+                    c.id,
+                )
+            }),
     );
     weighted.sort_by(|a, b| b.0.to_bits().cmp(&a.0.to_bits()).then(a.1.cmp(&b.1)));
 
@@ -84,10 +100,17 @@ fn top_k_support<'a>(prepared: Prepared<'_>, plan: &RowPlan, work: &'a mut Works
     }
 
     // 3. Min-p: weights are relative to the best token's, which is 1.
-    let kept = weighted.iter().take_while(|&&(w, _)| w >= plan.min_p).count().max(1);
+    let kept = weighted
+        .iter()
+        .take_while(|&&(w, _)| w >= plan.min_p)
+        .count()
+        .max(1);
     weighted.truncate(kept);
     let total = weighted.iter().map(|&(w, _)| f64::from(w)).sum();
-    Support::Candidates { items: weighted, total }
+    Support::Candidates {
+        items: weighted,
+        total,
+    }
 }
 
 /// Returns the cut that keeps the tokens min-p keeps, or every token of positive weight when
@@ -107,10 +130,18 @@ pub fn build<'a>(
     plan: &RowPlan,
     work: &'a mut Workspace,
 ) -> (Support<'a>, Option<f64>) {
-    let Prepared { row, max, candidates, .. } = prepared;
+    let Prepared {
+        row,
+        max,
+        candidates,
+        ..
+    } = prepared;
     let scale = plan.inv_temperature;
     if plan.greedy {
-        return (Support::Single(candidates.first().map_or(0, |best| best.id)), None);
+        return (
+            Support::Single(candidates.first().map_or(0, |best| best.id)),
+            None,
+        );
     }
     if plan.top_k < row.len() {
         return (top_k_support(prepared, plan, work), None);
@@ -121,7 +152,12 @@ pub fn build<'a>(
     let mut cut = min_p_cut(plan);
     let mut total = None;
     if plan.top_p < 1.0 {
-        let Workspace { items, histogram, masses, .. } = work;
+        let Workspace {
+            items,
+            histogram,
+            masses,
+            ..
+        } = work;
         weights_histogram(row, max, scale, histogram);
         let top_p = top_p_cut(row, max, scale, histogram, plan.top_p, masses, items);
         total = Some(top_p.total);
@@ -134,12 +170,25 @@ pub fn build<'a>(
     if cut == Cut::ALL_POSITIVE {
         total = Some(strict_mass);
     }
-    (Support::Row { row, max, scale, cut, strict_mass, strict_sums }, total)
+    (
+        Support::Row {
+            row,
+            max,
+            scale,
+            cut,
+            strict_mass,
+            strict_sums,
+        },
+        total,
+    )
 }
 
 /// Returns the weight of the cut's tied tokens and how many of them are kept.
 fn ties(cut: Cut, vocab_size: usize) -> (f32, usize) {
-    (f32::from_bits(cut.threshold_bits), cut.tie_quota.min(vocab_size))
+    (
+        f32::from_bits(cut.threshold_bits),
+        cut.tie_quota.min(vocab_size),
+    )
 }
 
 /// Draws a token from `support` with the uniform `u` in [0, 1) by inversion. The tokens'
@@ -164,7 +213,14 @@ pub fn draw(support: &Support<'_>, u: f64) -> u32 {
             // Rounding left the target at the very end.
             last_positive
         }
-        Support::Row { row, max, scale, cut, strict_mass, strict_sums } => {
+        Support::Row {
+            row,
+            max,
+            scale,
+            cut,
+            strict_mass,
+            strict_sums,
+        } => {
             let (tie_weight, tie_count) = ties(cut, row.len());
             let target = u * (strict_mass + tie_count as f64 * f64::from(tie_weight));
 
@@ -190,10 +246,18 @@ pub fn draw(support: &Support<'_>, u: f64) -> u32 {
 pub fn enumerate(support: &Support<'_>) -> Vec<(u32, f64)> {
     match *support {
         Support::Single(token) => vec![(token, 1.0)],
-        Support::Candidates { items, total } => {
-            items.iter().map(|&(w, id)| (id, f64::from(w) / total)).collect()
-        }
-        Support::Row { row, max, scale, cut, strict_mass, .. } => {
+        Support::Candidates { items, total } => items
+            .iter()
+            .map(|&(w, id)| (id, f64::from(w) / total))
+            .collect(),
+        Support::Row {
+            row,
+            max,
+            scale,
+            cut,
+            strict_mass,
+            ..
+        } => {
             let (tie_weight, tie_count) = ties(cut, row.len());
             let total = strict_mass + tie_count as f64 * f64::from(tie_weight);
             let mut row_weights = Vec::new();
@@ -230,7 +294,12 @@ pub fn draw_by_rejection(
     plan: &RowPlan,
     work: &mut Workspace,
 ) -> Option<(Option<u32>, f64)> {
-    let Prepared { row, max, chunk_maxima, .. } = prepared;
+    let Prepared {
+        row,
+        max,
+        chunk_maxima,
+        ..
+    } = prepared;
     let qualifies = !plan.greedy
         && plan.top_k >= row.len()
         && plan.top_p < 1.0
@@ -242,12 +311,19 @@ pub fn draw_by_rejection(
 
     // 1. The proposal: the tokens min-p keeps. The top-p target is relative to all tokens.
     let proposal = min_p_cut(plan);
-    let Workspace { all_sums, kept_sums, .. } = work;
+    let Workspace {
+        all_sums,
+        kept_sums,
+        ..
+    } = work;
     let total = chunk_sums(row, max, scale, Cut::ALL_POSITIVE.threshold_bits, all_sums);
     let (proposal_mass, proposal_sums) = if proposal == Cut::ALL_POSITIVE {
         (total, &*all_sums)
     } else {
-        (chunk_sums(row, max, scale, proposal.threshold_bits, kept_sums), &*kept_sums)
+        (
+            chunk_sums(row, max, scale, proposal.threshold_bits, kept_sums),
+            &*kept_sums,
+        )
     };
     let target = plan.top_p * total;
 
@@ -255,11 +331,26 @@ pub fn draw_by_rejection(
     for attempt in 0..REJECTION_ATTEMPTS {
         let u = rng::uniform(plan.seed, plan.step, attempt);
         let target_mass = u * proposal_mass;
-        let token = match draw_from_sums(row, max, scale, proposal.threshold_bits, proposal_sums, target_mass) {
+        let token = match draw_from_sums(
+            row,
+            max,
+            scale,
+            proposal.threshold_bits,
+            proposal_sums,
+            target_mass,
+        ) {
             Scan::Token(token) => token,
             Scan::Short(last) => last.unwrap_or(0),
         };
-        if ranked_within(row, max, scale, token as usize, target, all_sums, chunk_maxima) {
+        if ranked_within(
+            row,
+            max,
+            scale,
+            token as usize,
+            target,
+            all_sums,
+            chunk_maxima,
+        ) {
             return Some((Some(token), total));
         }
     }
@@ -272,7 +363,11 @@ pub const EXACT_DRAW: u32 = REJECTION_ATTEMPTS;
 
 /// Draws the token of a row: by rejection where that is cheaper, from the exact support
 /// otherwise. Returns it with the row's sum of weights when that was computed.
-pub fn sample<'a>(prepared: Prepared<'a>, plan: &RowPlan, work: &'a mut Workspace) -> (u32, Option<f64>) {
+pub fn sample<'a>(
+    prepared: Prepared<'a>,
+    plan: &RowPlan,
+    work: &'a mut Workspace,
+) -> (u32, Option<f64>) {
     let mut known_total = None;
     if let Some((token, total)) = draw_by_rejection(prepared, plan, work) {
         if let Some(token) = token {

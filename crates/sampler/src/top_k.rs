@@ -15,7 +15,10 @@ pub struct Candidate {
 
 /// Orders candidates best first: higher logit, then lower id. Logits are never NaN here.
 pub fn by_rank(a: &Candidate, b: &Candidate) -> Ordering {
-    b.logit.partial_cmp(&a.logit).unwrap_or(Ordering::Equal).then(a.id.cmp(&b.id))
+    b.logit
+        .partial_cmp(&a.logit)
+        .unwrap_or(Ordering::Equal)
+        .then(a.id.cmp(&b.id))
 }
 
 /// Smallest candidate buffer, so that a small k does not cut the buffer down at every
@@ -47,7 +50,12 @@ impl<'a> TopKBuffer<'a> {
     #[inline(always)]
     pub fn new(items: &'a mut Vec<Candidate>, k: usize) -> Self {
         items.clear();
-        TopKBuffer { items, k, capacity: (2 * k).max(MIN_BUFFER), threshold: None }
+        TopKBuffer {
+            items,
+            k,
+            capacity: (2 * k).max(MIN_BUFFER),
+            threshold: None,
+        }
     }
 
     /// Keeps the `k` best of what was considered, sorted best first.
@@ -77,7 +85,10 @@ impl<'a> TopKBuffer<'a> {
 
     #[inline(always)]
     fn push(&mut self, x: f32, id: usize) {
-        self.items.push(Candidate { logit: x, id: id as u32 });
+        self.items.push(Candidate {
+            logit: x,
+            id: id as u32,
+        });
         if self.items.len() >= self.capacity {
             self.threshold = Some(keep_best(self.items, self.k));
         }
@@ -142,7 +153,9 @@ fn top_k_body<const FUSED: bool>(row: &[f32], k: usize, out: &mut Vec<Candidate>
 
     let mut blocks = row.chunks_exact(BLOCK);
     for (block_index, block) in blocks.by_ref().enumerate() {
-        let Ok(block) = <&[f32; BLOCK]>::try_from(block) else { continue };
+        let Ok(block) = <&[f32; BLOCK]>::try_from(block) else {
+            continue;
+        };
         if buffer.admits(block_max(block)) {
             buffer.consider_block(block, block_index * BLOCK);
         }
@@ -170,8 +183,14 @@ mod tests {
     use super::*;
 
     fn reference_top_k(row: &[f32], k: usize) -> Vec<Candidate> {
-        let mut all: Vec<Candidate> =
-            row.iter().enumerate().map(|(id, &logit)| Candidate { logit, id: id as u32 }).collect();
+        let mut all: Vec<Candidate> = row
+            .iter()
+            .enumerate()
+            .map(|(id, &logit)| Candidate {
+                logit,
+                id: id as u32,
+            })
+            .collect();
         all.sort_by(by_rank);
         all.truncate(k);
         all

@@ -14,12 +14,18 @@ pub struct Cut {
 
 impl Cut {
     /// Every token with a positive weight.
-    pub const ALL_POSITIVE: Cut = Cut { threshold_bits: 0, tie_quota: 0 };
+    pub const ALL_POSITIVE: Cut = Cut {
+        threshold_bits: 0,
+        tie_quota: 0,
+    };
 
     /// Returns the cut that keeps every token whose weight is at least `min_weight` (a
     /// positive float).
     pub fn at_least(min_weight: f32) -> Cut {
-        Cut { threshold_bits: min_weight.to_bits().saturating_sub(1), tie_quota: 0 }
+        Cut {
+            threshold_bits: min_weight.to_bits().saturating_sub(1),
+            tie_quota: 0,
+        }
     }
 }
 
@@ -76,7 +82,7 @@ pub fn top_p_cut(
 
     // 4. Sort the rest (heavier first; the stable sort keeps id order among equal weights)
     //    and take tokens until the mass reaches target.
-    items.sort_by(|a, b| b.0.cmp(&a.0));
+    items.sort_by_key(|&(bits, _)| std::cmp::Reverse(bits));
     let mut threshold_bits = items.first().map_or(0, |item| item.0);
     let mut strict_mass = above;
     let mut tie_quota = 0;
@@ -92,7 +98,14 @@ pub fn top_p_cut(
             break;
         }
     }
-    TopP { cut: Cut { threshold_bits, tie_quota }, strict_mass, total }
+    TopP {
+        cut: Cut {
+            threshold_bits,
+            tie_quota,
+        },
+        strict_mass,
+        total,
+    }
 }
 
 /// Returns the first bucket of positive mass, from the highest down, at which `above` plus
@@ -137,7 +150,15 @@ mod tests {
         let mut histogram = Histogram::new();
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
         weights_histogram(row, max, 1.0, &mut histogram);
-        let top_p = top_p_cut(row, max, 1.0, &histogram, p, &mut Vec::new(), &mut Vec::new());
+        let top_p = top_p_cut(
+            row,
+            max,
+            1.0,
+            &histogram,
+            p,
+            &mut Vec::new(),
+            &mut Vec::new(),
+        );
         (top_p.cut, top_p.total)
     }
 
@@ -145,7 +166,13 @@ mod tests {
     fn top_p_cut_counts_ties_by_id() {
         let row = vec![0.0f32; 1000];
         let (cut, _) = cut_of(&row, 0.25);
-        assert_eq!(cut, Cut { threshold_bits: 1.0f32.to_bits(), tie_quota: 250 });
+        assert_eq!(
+            cut,
+            Cut {
+                threshold_bits: 1.0f32.to_bits(),
+                tie_quota: 250
+            }
+        );
         let (cut, _) = cut_of(&row, 0.0);
         assert_eq!(cut.tie_quota, 1);
         let (cut, _) = cut_of(&row, 1.0);
@@ -154,9 +181,17 @@ mod tests {
 
     #[test]
     fn top_p_cut_tiny_p_keeps_best() {
-        let row: Vec<f32> = (0..10_000).map(|i| -((i * 31 % 10_000) as f32) * 1e-3).collect();
+        let row: Vec<f32> = (0..10_000)
+            .map(|i| -((i * 31 % 10_000) as f32) * 1e-3)
+            .collect();
         let (cut, _) = cut_of(&row, 1e-9);
-        assert_eq!(cut, Cut { threshold_bits: 1.0f32.to_bits(), tie_quota: 1 });
+        assert_eq!(
+            cut,
+            Cut {
+                threshold_bits: 1.0f32.to_bits(),
+                tie_quota: 1
+            }
+        );
     }
 
     #[test]

@@ -9,7 +9,14 @@ use loftey_sampler::{
 const GREEDY: SamplingParams = SamplingParams::GREEDY;
 
 fn sampling(temperature: f32, top_k: i64, top_p: f32, seed: u64) -> SamplingParams {
-    SamplingParams { temperature, top_k, top_p, min_p: 0.0, seed, step: 0 }
+    SamplingParams {
+        temperature,
+        top_k,
+        top_p,
+        min_p: 0.0,
+        seed,
+        step: 0,
+    }
 }
 
 fn sample_rows(
@@ -23,7 +30,9 @@ fn sample_rows(
 
 /// log_softmax(logits)[id] in f64.
 fn log_softmax(logits: &[f32], id: usize) -> f64 {
-    let max = logits.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(f64::from(x)));
+    let max = logits
+        .iter()
+        .fold(f64::NEG_INFINITY, |m, &x| m.max(f64::from(x)));
     let sum: f64 = logits.iter().map(|&x| (f64::from(x) - max).exp()).sum();
     f64::from(logits[id]) - max - sum.ln()
 }
@@ -33,7 +42,9 @@ fn uniform_logits(vocab: usize, scale: f32) -> Vec<f32> {
     let mut state = 12_345u64;
     (0..vocab)
         .map(|_| {
-            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1);
             ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
         })
         .collect()
@@ -60,10 +71,29 @@ fn bad_rows_fail_alone() {
     for params in [sampling(1.0, 0, 0.9, 11), GREEDY] {
         let results = sample_rows(&s4_rows(), 8, &[params; 4], 3);
 
-        assert_eq!(results[0], Err(RowError { row: 0, kind: RowErrorKind::Nan }));
-        assert_eq!(results[3], Err(RowError { row: 3, kind: RowErrorKind::AllNegativeInfinity }));
-        assert_eq!(results[0].as_ref().unwrap_err().to_string(), "row 0: logits contain NaN");
-        assert!(results[3].as_ref().unwrap_err().to_string().starts_with("row 3: every logit is -inf"));
+        assert_eq!(
+            results[0],
+            Err(RowError {
+                row: 0,
+                kind: RowErrorKind::Nan
+            })
+        );
+        assert_eq!(
+            results[3],
+            Err(RowError {
+                row: 3,
+                kind: RowErrorKind::AllNegativeInfinity
+            })
+        );
+        assert_eq!(
+            results[0].as_ref().unwrap_err().to_string(),
+            "row 0: logits contain NaN"
+        );
+        assert!(results[3]
+            .as_ref()
+            .unwrap_err()
+            .to_string()
+            .starts_with("row 3: every logit is -inf"));
 
         // The +inf row gives that token, with all the probability.
         let infinite = results[2].as_ref().unwrap();
@@ -83,14 +113,23 @@ fn normal_row_samples_within_top_p() {
     // Probabilities of 0..7 are e^i / sum: the top three hold 0.909 of the mass, so top_p 0.9
     // keeps ids 7, 6 and 5.
     let row: Vec<f32> = (0..8).map(|i| i as f32).collect();
-    let distribution = filtered_distribution(&row, &sampling(1.0, 0, 0.9, 0)).unwrap().unwrap();
+    let distribution = filtered_distribution(&row, &sampling(1.0, 0, 0.9, 0))
+        .unwrap()
+        .unwrap();
     let ids: Vec<u32> = distribution.iter().map(|&(id, _)| id).collect();
     assert_eq!(ids, [5, 6, 7]);
     let mut seen = [0usize; 8];
     for seed in 0..300 {
-        seen[sample_rows(&row, 8, &[sampling(1.0, 0, 0.9, seed)], 0)[0].as_ref().unwrap().token as usize] += 1;
+        seen[sample_rows(&row, 8, &[sampling(1.0, 0, 0.9, seed)], 0)[0]
+            .as_ref()
+            .unwrap()
+            .token as usize] += 1;
     }
-    assert_eq!(seen[..5].iter().sum::<usize>(), 0, "tokens outside top-p drawn: {seen:?}");
+    assert_eq!(
+        seen[..5].iter().sum::<usize>(),
+        0,
+        "tokens outside top-p drawn: {seen:?}"
+    );
     for id in 5..8 {
         assert!(seen[id] > 0, "token {id} never drawn: {seen:?}");
     }
@@ -101,7 +140,9 @@ fn infinite_logits_share_probability() {
     let mut row = vec![1.0f32; 10];
     row[2] = f32::INFINITY;
     row[7] = f32::INFINITY;
-    let distribution = filtered_distribution(&row, &sampling(1.0, 0, 1.0, 0)).unwrap().unwrap();
+    let distribution = filtered_distribution(&row, &sampling(1.0, 0, 1.0, 0))
+        .unwrap()
+        .unwrap();
     assert_eq!(distribution, [(2, 0.5), (7, 0.5)]);
     let greedy = sample_rows(&row, 10, &[GREEDY], 0);
     assert_eq!(greedy[0].as_ref().unwrap().token, 2);
@@ -120,14 +161,32 @@ fn tiny_temperature_or_top_p_is_greedy() {
         sampling(f32::MIN_POSITIVE / 4.0, 50, 0.9, 1),
     ];
     for step in 0..2 {
-        let params: Vec<SamplingParams> =
-            cases.iter().map(|&p| SamplingParams { step, ..p }).collect();
-        let batch: Vec<f32> = logits.iter().copied().cycle().take(vocab * cases.len()).collect();
-        for (case, result) in sample_rows(&batch, vocab, &params, 0).into_iter().enumerate() {
+        let params: Vec<SamplingParams> = cases
+            .iter()
+            .map(|&p| SamplingParams { step, ..p })
+            .collect();
+        let batch: Vec<f32> = logits
+            .iter()
+            .copied()
+            .cycle()
+            .take(vocab * cases.len())
+            .collect();
+        for (case, result) in sample_rows(&batch, vocab, &params, 0)
+            .into_iter()
+            .enumerate()
+        {
             let sample = result.unwrap();
             assert_eq!(sample.token as usize, peak, "case {case}, step {step}");
-            assert!(sample.logprob.is_finite(), "case {case}: logprob {}", sample.logprob);
-            assert!(sample.logprob <= 0.0, "case {case}: logprob {}", sample.logprob);
+            assert!(
+                sample.logprob.is_finite(),
+                "case {case}: logprob {}",
+                sample.logprob
+            );
+            assert!(
+                sample.logprob <= 0.0,
+                "case {case}: logprob {}",
+                sample.logprob
+            );
         }
     }
 }
@@ -139,16 +198,36 @@ fn low_first_logits_keep_sums_exact() {
     let base = uniform_logits(3000, 2.0);
     for first in [-200.0f32, -1.0] {
         let mut logits = base.clone();
-        logits[..256].iter_mut().for_each(|x| *x = first + *x * 0.01);
+        logits[..256]
+            .iter_mut()
+            .for_each(|x| *x = first + *x * 0.01);
         for (top_p, min_p) in [(1.0, 0.0), (0.9, 0.0), (0.9, 0.001)] {
-            let row_params = SamplingParams { temperature: 1.0, top_k: 0, top_p, min_p, seed: 3, step: 0 };
-            let distribution = filtered_distribution(&logits, &row_params).unwrap().unwrap();
+            let row_params = SamplingParams {
+                temperature: 1.0,
+                top_k: 0,
+                top_p,
+                min_p,
+                seed: 3,
+                step: 0,
+            };
+            let distribution = filtered_distribution(&logits, &row_params)
+                .unwrap()
+                .unwrap();
             for step in 0..20 {
-                let sample = &sample_rows(&logits, 3000, &[SamplingParams { step, ..row_params }], 0)[0];
+                let sample =
+                    &sample_rows(&logits, 3000, &[SamplingParams { step, ..row_params }], 0)[0];
                 let sample = sample.as_ref().unwrap();
-                assert!(distribution.iter().any(|&(id, _)| id == sample.token), "token {} outside", sample.token);
+                assert!(
+                    distribution.iter().any(|&(id, _)| id == sample.token),
+                    "token {} outside",
+                    sample.token
+                );
                 let expected = log_softmax(&logits, sample.token as usize);
-                assert!((f64::from(sample.logprob) - expected).abs() < 1e-5, "{} vs {expected}", sample.logprob);
+                assert!(
+                    (f64::from(sample.logprob) - expected).abs() < 1e-5,
+                    "{} vs {expected}",
+                    sample.logprob
+                );
             }
         }
     }
@@ -158,7 +237,9 @@ fn low_first_logits_keep_sums_exact() {
 fn top_p_zero_keeps_best_token() {
     let logits = [0.5f32, 3.0, 3.0, -1.0];
     for top_k in [0, 3] {
-        let distribution = filtered_distribution(&logits, &sampling(1.0, top_k, 0.0, 0)).unwrap().unwrap();
+        let distribution = filtered_distribution(&logits, &sampling(1.0, top_k, 0.0, 0))
+            .unwrap()
+            .unwrap();
         assert_eq!(distribution, [(1, 1.0)]);
     }
 }
@@ -169,9 +250,17 @@ fn top_k_above_vocab_is_disabled() {
     for seed in 0..20 {
         let tokens: Vec<u32> = [0, 5000, 10_000_000, i64::MAX]
             .iter()
-            .map(|&k| sample_rows(&logits, 5000, &[sampling(1.0, k, 1.0, seed)], 0)[0].as_ref().unwrap().token)
+            .map(|&k| {
+                sample_rows(&logits, 5000, &[sampling(1.0, k, 1.0, seed)], 0)[0]
+                    .as_ref()
+                    .unwrap()
+                    .token
+            })
             .collect();
-        assert!(tokens.iter().all(|&t| t == tokens[0]), "seed {seed}: {tokens:?}");
+        assert!(
+            tokens.iter().all(|&t| t == tokens[0]),
+            "seed {seed}: {tokens:?}"
+        );
     }
 }
 
@@ -183,7 +272,11 @@ fn logprobs_are_log_softmax() {
     for result in sample_rows(&batch, 1000, &params, 5) {
         let sample = result.unwrap();
         let expected = log_softmax(&logits, sample.token as usize);
-        assert!((f64::from(sample.logprob) - expected).abs() < 1e-5, "{} vs {expected}", sample.logprob);
+        assert!(
+            (f64::from(sample.logprob) - expected).abs() < 1e-5,
+            "{} vs {expected}",
+            sample.logprob
+        );
 
         // The top 5 by logit, most likely first, with their logprobs.
         let mut order: Vec<usize> = (0..1000).collect();
@@ -206,7 +299,12 @@ fn out_of_range_parameters_rejected() {
 
     params[2].top_p = 1.0;
     params[1].min_p = f32::NAN;
-    assert_eq!(sample_batch(&logits, 4, &params, 0).unwrap_err().to_string(), "min_p[1] = NaN is outside [0, 1]");
+    assert_eq!(
+        sample_batch(&logits, 4, &params, 0)
+            .unwrap_err()
+            .to_string(),
+        "min_p[1] = NaN is outside [0, 1]"
+    );
 }
 
 #[test]
@@ -215,10 +313,16 @@ fn shape_errors_name_sizes() {
     let params = [GREEDY; 3];
     assert_eq!(
         sample_batch(&logits, 4, &params, 0).unwrap_err(),
-        InputError::LogitsLength { len: 10, rows: 3, vocab_size: 4 }
+        InputError::LogitsLength {
+            len: 10,
+            rows: 3,
+            vocab_size: 4
+        }
     );
     assert_eq!(
-        sample_batch(&logits, 4, &params, 0).unwrap_err().to_string(),
+        sample_batch(&logits, 4, &params, 0)
+            .unwrap_err()
+            .to_string(),
         "logits has 10 values but 3 rows of vocab_size 4 need 12"
     );
     assert_eq!(
@@ -226,7 +330,9 @@ fn shape_errors_name_sizes() {
         InputError::EmptyVocabulary { rows: 3 }
     );
     assert_eq!(
-        sample_batch(&logits[..8], 4, &params[..2], 5).unwrap_err().to_string(),
+        sample_batch(&logits[..8], 4, &params[..2], 5)
+            .unwrap_err()
+            .to_string(),
         "num_logprobs = 5 is outside [0, 4]"
     );
     assert_eq!(sample_batch(&[], 4, &[], 0).unwrap(), Vec::new());
@@ -242,11 +348,19 @@ fn draws_follow_filtered_distribution() {
     let logits = uniform_logits(vocab, 3.0);
     for top_p in [0.9f32, 0.3] {
         let row_params = sampling(0.8, 0, top_p, 77);
-        let distribution = filtered_distribution(&logits, &row_params).unwrap().unwrap();
+        let distribution = filtered_distribution(&logits, &row_params)
+            .unwrap()
+            .unwrap();
         let draws = 6_000u64;
-        let params: Vec<SamplingParams> =
-            (0..draws).map(|step| SamplingParams { step, ..row_params }).collect();
-        let batch: Vec<f32> = logits.iter().copied().cycle().take(vocab * draws as usize).collect();
+        let params: Vec<SamplingParams> = (0..draws)
+            .map(|step| SamplingParams { step, ..row_params })
+            .collect();
+        let batch: Vec<f32> = logits
+            .iter()
+            .copied()
+            .cycle()
+            .take(vocab * draws as usize)
+            .collect();
         let mut counts = vec![0u64; vocab];
         for result in sample_rows(&batch, vocab, &params, 0) {
             counts[result.unwrap().token as usize] += 1;
@@ -272,10 +386,16 @@ fn draws_follow_filtered_distribution() {
             chi_square += (pooled_count as f64 - pooled_expected).powi(2) / pooled_expected;
             bins += 1;
         }
-        assert_eq!(drawn_in_support, draws, "top_p {top_p}: draws outside the support");
+        assert_eq!(
+            drawn_in_support, draws,
+            "top_p {top_p}: draws outside the support"
+        );
         // Wilson-Hilferty: the 1e-4 upper tail of chi-square with d degrees of freedom.
         let d = f64::from(bins - 1);
         let bound = d * (1.0 - 2.0 / (9.0 * d) + 3.719 * (2.0 / (9.0 * d)).sqrt()).powi(3);
-        assert!(chi_square < bound, "top_p {top_p}: chi-square {chi_square:.1} over {bound:.1}, {bins} bins");
+        assert!(
+            chi_square < bound,
+            "top_p {top_p}: chi-square {chi_square:.1} over {bound:.1}, {bins} bins"
+        );
     }
 }

@@ -7,7 +7,10 @@ use proptest::prelude::*;
 /// values are far apart, so float rounding never reorders tokens between the sampler and
 /// the f64 reference.
 fn grid_logits(max_len: usize) -> impl Strategy<Value = Vec<f32>> {
-    prop::collection::vec((0..=24u8).prop_map(|step| -f32::from(step) / 4.0), 1..max_len)
+    prop::collection::vec(
+        (0..=24u8).prop_map(|step| -f32::from(step) / 4.0),
+        1..max_len,
+    )
 }
 
 /// Ids ranked by logit descending, ties to the lower id.
@@ -19,11 +22,21 @@ fn ranking(logits: &[f32]) -> Vec<usize> {
 
 fn weights_f64(logits: &[f32], temperature: f32) -> Vec<f64> {
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    logits.iter().map(|&x| (f64::from(x - max) / f64::from(temperature)).exp()).collect()
+    logits
+        .iter()
+        .map(|&x| (f64::from(x - max) / f64::from(temperature)).exp())
+        .collect()
 }
 
 fn params(temperature: f32, top_k: i64, top_p: f32, min_p: f32, seed: u64) -> SamplingParams {
-    SamplingParams { temperature, top_k, top_p, min_p, seed, step: 0 }
+    SamplingParams {
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        seed,
+        step: 0,
+    }
 }
 
 fn sample_one(logits: &[f32], params: SamplingParams) -> u32 {
