@@ -20,7 +20,7 @@ from loftey.rpc import RunningServer, start_server
 from loftey.v1 import common_pb2, forward_pb2, forward_pb2_grpc
 
 QWEN_VOCAB_SIZE = 151646
-# Ids of " a", " b", ... in Qwen's vocabulary would do, but any ordinary ids decode to text.
+# Ordinary ids of the Qwen vocabulary; each decodes to some text.
 FILLER_IDS = tuple(range(1000, 1050))
 FORWARD_SERVICE = forward_pb2.DESCRIPTOR.services_by_name["Forward"].full_name
 
