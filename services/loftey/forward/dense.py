@@ -129,6 +129,13 @@ class DenseModel:
     def forward(self, batch: RaggedBatch) -> torch.Tensor:
         """Run every layer over the batch, filling the cache, and return float32 logits [B, V] of each row's last token.
 
+        NOTE: a row's logits can differ in the last bits with the number of
+        rows in a matmul, because torch's CPU kernels take one path for 1 row,
+        another for 2-3 and a third from 4 rows on. A seeded sampled request then
+        gets the same tokens in any batch except at a near-tie between two
+        tokens. Padding every matmul to 4 rows removes this but made the 1-row
+        lm_head about 2.5x slower when measured on 2 CPU cores, so it is not done.
+
         Raises ExpertGroupUnavailable when the executor gives up on a layer.
         The cache positions of this step are then half written, so the caller
         must release the batch's sequences.
