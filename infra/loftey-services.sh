@@ -49,6 +49,8 @@ LOFTEY_RUN_DIR=${LOFTEY_RUN_DIR:-$HOME/loftey-run}
 LOFTEY_WORKER_TIMEOUT=${LOFTEY_WORKER_TIMEOUT:-3600}
 LOFTEY_STOP_TIMEOUT=${LOFTEY_STOP_TIMEOUT:-30}
 SERVICES=(tokenizer forward orchestrator)
+# Tenths of a second start waits for the services' pid files, all together.
+PID_FILE_TIMEOUT_TENTHS=300
 
 # install creates the virtual environment. The other commands use python3 on PATH when it is missing.
 if [[ -n $LOFTEY_VENV && ( -x $LOFTEY_VENV/bin/python || ${1:-} == install ) ]]; then
@@ -145,6 +147,16 @@ start() {
         # A session of its own, so the service outlives the SSH session that ran this script.
         setsid nohup bash "$SCRIPT" run "$name" >>"$LOFTEY_RUN_DIR/$name.log" 2>&1 </dev/null &
     done
+    # Each service writes its pid file first thing. Waiting for them lets a stop that follows
+    # at once find every service.
+    local waited=0
+    for name in "${SERVICES[@]}"; do
+        while [[ ! -s $LOFTEY_RUN_DIR/$name.pid ]] && ((waited < PID_FILE_TIMEOUT_TENTHS)); do
+            sleep 0.1
+            waited=$((waited + 1))
+        done
+        [[ -s $LOFTEY_RUN_DIR/$name.pid ]] || { log "$name wrote no pid file; see $LOFTEY_RUN_DIR/$name.log"; exit 1; }
+    done
     log "started ${SERVICES[*]} on $LOFTEY_MODEL_DIR; logs in $LOFTEY_RUN_DIR"
     log "check with: bash $SCRIPT status"
 }
@@ -153,7 +165,9 @@ stop() {
     local name pid waited
     for name in orchestrator forward tokenizer; do
         pid=$(cat "$LOFTEY_RUN_DIR/$name.pid" 2>/dev/null) || continue
-        if kill -TERM "$pid" 2>/dev/null; then
+        # The service leads its own process group (setsid). The group also contains the forward
+        # service's wait for worker nodes while that wait runs.
+        if kill -TERM -- "-$pid" 2>/dev/null; then
             waited=0
             while kill -0 "$pid" 2>/dev/null && ((waited < LOFTEY_STOP_TIMEOUT)); do
                 sleep 1
@@ -161,8 +175,8 @@ stop() {
             done
             if kill -0 "$pid" 2>/dev/null; then
                 log "$name (pid $pid) did not exit ${LOFTEY_STOP_TIMEOUT} s after SIGTERM; killing it"
-                kill -KILL "$pid" 2>/dev/null || true
             fi
+            kill -KILL -- "-$pid" 2>/dev/null || true
             log "$name stopped"
         fi
         rm -f "$LOFTEY_RUN_DIR/$name.pid"

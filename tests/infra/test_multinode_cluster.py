@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 from cluster_helpers import EXPERT_RESOURCE, HEAD_RESOURCE, NUM_WORKERS
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -46,6 +47,7 @@ RPC_DEADLINE_S = 120.0
 SERVICES_START_TIMEOUT_S = 300
 SCRIPT_TIMEOUT_S = 300
 HEALTH_SERVICE = "loftey.v1.Forward"
+SERVICE_NAMES = ("tokenizer", "forward", "orchestrator")
 GREEDY = forward_pb2.SequenceSampling(temperature=0.0, top_p=1.0, repetition_penalty=1.0)
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 CHECK_HEALTH = INFRA / "check_health.py"
@@ -193,6 +195,10 @@ def test_services_script_serves_from_head(two_workers, cluster_checkpoint, singl
         status = run_script("status", environment)
         our_job = ray.get_runtime_context().get_job_id()
         actors = [row for row in two_workers.expert_actors() if row["JobID"] != our_job]
+        # A second start replaces the services, and a stop right after it (as when `ray up` reruns
+        # the head's commands) must still find every one of them.
+        restarted = run_script("start", environment)
+        restarted_pids = [int((run_dir / f"{name}.pid").read_text()) for name in SERVICE_NAMES]
     finally:
         stopped = run_script("stop", environment)
 
@@ -204,10 +210,22 @@ def test_services_script_serves_from_head(two_workers, cluster_checkpoint, singl
     assert status.returncode == 0, status.stdout + status.stderr
     for address in addresses:
         assert f"{address} SERVING" in status.stdout
+    assert restarted.returncode == 0, restarted.stderr
     assert stopped.returncode == 0, stopped.stderr
-    for name in ("tokenizer", "forward", "orchestrator"):
+    for name in SERVICE_NAMES:
+        assert f"{name} stopped" in restarted.stderr
         assert f"{name} stopped" in stopped.stderr
         assert not (run_dir / f"{name}.pid").exists()
+    for pid in restarted_pids:
+        assert not process_running(pid), pid
+
+
+def process_running(pid: int) -> bool:
+    """Return whether the process exists and is not a zombie waiting for its parent."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def free_ports(count: int) -> list[int]:
@@ -232,7 +250,11 @@ def run_script(command: str, environment: dict) -> subprocess.CompletedProcess:
 
 
 def service_logs(run_dir: Path) -> str:
-    return "".join(f"\n--- {log.name}\n{log.read_text()[-3000:]}" for log in sorted(run_dir.glob("*.log")))
+    """Return the last 3000 characters of each service log, for failure messages."""
+    parts = []
+    for log in sorted(run_dir.glob("*.log")):
+        parts.append(f"\n--- {log.name}\n{log.read_text()[-3000:]}")
+    return "".join(parts)
 
 
 def generate_greedy(address: str, new_tokens: int) -> list[int]:
