@@ -2,10 +2,12 @@
 
 What it records:
 1. The held-out loss of the expanded checkpoint with its full 151,646-way softmax, the
-   loss of a unigram model fitted on the same training targets (same vocabulary), and
-   the probability the model puts on ids outside the training vocabulary.
+   losses of unigram models fitted on the training targets (same vocabulary), the
+   probability the model puts on ids outside the training vocabulary, and the share of
+   routed tokens per expert.
 2. Greedy replies (LofteyForCausalLM.generate, ChatML prompt) to prompts that are not in
-   the training data, in English and Chinese, and to "Hello" and "你好".
+   the training data, in English and Chinese, to "Hello" and "你好", and to a few prompts
+   beyond its small talk.
 3. The loss plot, redrawn from the training log.
 
 Run from the repository root: python benchmarks/tiny_model.py
@@ -24,8 +26,9 @@ from tokenizers import Tokenizer
 from loftey.model.modeling import LofteyForCausalLM
 from loftey.train.checkpoint import load_compact
 from loftey.train.corpus import normalize
-from loftey.train.data import ChatRenderer, evaluation_batches, read_chats, read_documents
+from loftey.train.data import PAD_SEGMENT, ChatRenderer, evaluation_batches, read_chats, read_documents
 from loftey.train.evaluation import plot_losses, target_ids, unigram_cross_entropy, unigram_entropy
+from loftey.train.loop import RouterStatistics
 from loftey.train.tiny import greedy_reply, tiny_compact_path, tiny_model_dir
 from loftey.train.vocab import IGNORE_INDEX
 
@@ -62,13 +65,22 @@ def training_user_turns(data_files: list[Path]) -> set[str]:
 
 
 @torch.no_grad()
-def heldout_measures(model, heldout_docs, used_ids: torch.Tensor, seq_len: int, pad_id: int) -> tuple[float, float]:
-    """Return (mean loss per target token, mean probability on ids outside used_ids)."""
+def heldout_measures(
+    model, heldout_docs, used_ids: torch.Tensor, seq_len: int, pad_id: int
+) -> tuple[float, float, list[list[float]]]:
+    """Return (mean loss per target token, mean probability on ids outside used_ids, expert load).
+
+    Expert load is the fraction of each layer's top-k assignments per expert over the real
+    held-out tokens, [layers][E].
+    """
     unused = torch.ones(model.config.vocab_size, dtype=torch.bool)
     unused[used_ids] = False
-    loss_sum, unused_mass, count = 0.0, 0.0, 0
+    router = RouterStatistics(model)
+    loss_sum, unused_mass, count, loads = 0.0, 0.0, 0, []
     for batch in evaluation_batches(heldout_docs, EVAL_BATCH_SIZE, seq_len, pad_id):
+        router.clear()
         hidden = model.model(batch.input_ids, attention_mask=batch.attention_mask(), use_cache=False).last_hidden_state
+        loads.append(router.load_balancing_loss(batch.segments.reshape(-1) != PAD_SEGMENT)[1])
         labels = batch.labels.reshape(-1)
         is_target = labels != IGNORE_INDEX
         logits = model.lm_head(hidden.reshape(-1, hidden.shape[-1])[is_target]).float()  # [N, V]
@@ -76,7 +88,8 @@ def heldout_measures(model, heldout_docs, used_ids: torch.Tensor, seq_len: int, 
         loss_sum += float(-log_probs.gather(1, labels[is_target][:, None]).sum())
         unused_mass += float(log_probs[:, unused].exp().sum())
         count += int(is_target.sum())
-    return loss_sum / count, unused_mass / count
+    router.remove()
+    return loss_sum / count, unused_mass / count, torch.stack(loads).mean(dim=0).tolist()
 
 
 def main() -> None:
@@ -104,7 +117,7 @@ def main() -> None:
     train_docs = [doc for path in data_files for doc in read_documents(path, train_renderer)]
     heldout_docs = [doc for path in heldout_files for doc in read_documents(path, renderer)]
     heldout_targets = target_ids(heldout_docs)
-    model_loss, unused_mass = heldout_measures(model, heldout_docs, used_ids, seq_len, renderer.end_of_text)
+    model_loss, unused_mass, expert_load = heldout_measures(model, heldout_docs, used_ids, seq_len, renderer.end_of_text)
     unigram_loss = unigram_cross_entropy(target_ids(train_docs), heldout_targets, used_ids.tolist())
     chatterbot_files = sorted({path for path in data_files if path.name.startswith(CHATTERBOT_PREFIX)})
     chatterbot_replies = [i for path in chatterbot_files for i in target_ids(read_documents(path, renderer))]
@@ -161,6 +174,13 @@ def main() -> None:
         "replies to demo prompts keep improving; models/loftey-tiny/README.md lists the recipes tried.",
         f"Probability the model puts on the {151_646 - len(used_ids):,} ids outside the training vocabulary,"
         f" averaged over held-out positions: {unused_mass:.2%}.",
+        "",
+        "Share of each layer's top-2 expert assignments that goes to each expert, over the held-out",
+        "tokens (25% is even):",
+        "",
+        "| layer | expert 0 | expert 1 | expert 2 | expert 3 |",
+        "| --- | --- | --- | --- | --- |",
+        *[f"| {layer} | " + " | ".join(f"{share:.0%}" for share in shares) + " |" for layer, shares in enumerate(expert_load)],
         "",
         f"Training: {settings['steps']} steps of {settings['batch_size']}x{settings['seq_len']} tokens, "
         f"{log['seconds']:.0f} s on 2 shared CPU cores.",

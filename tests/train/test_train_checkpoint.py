@@ -84,6 +84,13 @@ def test_compact_file_round_trip(tmp_path, compact, dtype):
         assert torch.equal(loaded.state[name], tensor.to(dtype)), name
 
 
+def test_compact_file_bytes_repeat(tmp_path, compact):
+    first = save_compact(tmp_path / "first.safetensors", compact, torch.bfloat16)
+    second = save_compact(tmp_path / "second.safetensors", compact, torch.bfloat16)
+
+    assert first.read_bytes() == second.read_bytes()
+
+
 def test_load_compact_rejects_published_weights(tmp_path, compact):
     from safetensors.torch import save_file
 

@@ -119,6 +119,21 @@ def test_full_vocab_run_matches_bucket_run_at_start(tmp_path, files, tokenizer_d
     assert full.train_loss[0][1] == pytest.approx(torch.log(torch.tensor(float(QWEN_VOCAB_SIZE))).item(), abs=0.05)
 
 
+def test_training_without_heldout_documents(tmp_path, files, tokenizer_dir):
+    settings = TrainSettings(steps=1, batch_size=2, seq_len=32, lr=1e-2, eval_every=1, threads=1)
+    config = small_config(vocab_size=QWEN_VOCAB_SIZE)
+
+    # Six dialogues: hashing holds out none of them at the default 5%.
+    result = train(config, [files["chats"]], tmp_path / "run", tokenizer_dir, settings, progress=False)
+
+    log = json.loads((tmp_path / "run" / "training_log.json").read_text())
+    assert result.heldout_loss == []
+    assert result.unigram_heldout_loss is None
+    assert log["train_documents"] == len(DIALOGUES)
+    assert log["expert_load_heldout"] is None
+    assert (tmp_path / "run" / "loss.png").is_file()
+
+
 def test_load_balancing_loss_values():
     model = LofteyForCausalLM(small_config())
     statistics = RouterStatistics(model)

@@ -7,8 +7,8 @@ generation_config.json and the tokenizer files.
 Compact form (one safetensors file): the weights of a bucket-vocabulary model, whose
 embedding and lm_head have one row per used id plus the bucket row (see
 `loftey.train.vocab`). The file also stores the sorted used ids as the int64 tensor
-`vocab.used_ids`, and the full model's config.json in its metadata. Expanding it gives the published layout, in
-which every unused id's embedding row and lm_head row is the bucket row. For Qwen's
+`vocab.used_ids`, and the full model's config.json in its metadata. Expanding it gives the
+published layout, in which every unused id's embedding row and lm_head row is the bucket row. For Qwen's
 vocabulary the full file is almost all copies of those two rows, so the compact file is
 about an eighth of its size.
 """
@@ -40,9 +40,11 @@ USED_IDS_TENSOR = "vocab.used_ids"
 GENERATION_CONFIG_NAME = "generation_config.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 
-COMPACT_FORMAT_KEY = "loftey.compact_format"
-COMPACT_FORMAT_VERSION = "1"
-COMPACT_CONFIG_KEY = "loftey.config"
+# The compact file's only metadata entry: JSON with the format version and the config.
+# safetensors writes several metadata entries in hash order, so one entry keeps the
+# file's bytes, and with them its sha256, the same for the same weights.
+COMPACT_METADATA_KEY = "loftey.compact"
+COMPACT_FORMAT_VERSION = 1
 
 # Tokens that end a reply. A small model sometimes starts a new turn with <|im_start|>
 # instead of closing its own with <|im_end|>, so that id stops generation as well.
@@ -129,11 +131,8 @@ def save_compact(path: str | os.PathLike, checkpoint: CompactCheckpoint, dtype: 
     path = Path(path)
     tensors = {name: tensor.detach().to(dtype).contiguous() for name, tensor in checkpoint.state.items()}
     tensors[USED_IDS_TENSOR] = checkpoint.vocab.used_ids.contiguous()
-    metadata = {
-        "format": "pt",
-        COMPACT_FORMAT_KEY: COMPACT_FORMAT_VERSION,
-        COMPACT_CONFIG_KEY: json.dumps(published_config_values(checkpoint.config)),
-    }
+    description = {"format_version": COMPACT_FORMAT_VERSION, "config": published_config_values(checkpoint.config)}
+    metadata = {COMPACT_METADATA_KEY: json.dumps(description)}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
     return path
@@ -144,13 +143,15 @@ def load_compact(path: str | os.PathLike) -> CompactCheckpoint:
     path = Path(path)
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
-        version = metadata.get(COMPACT_FORMAT_KEY)
+        if COMPACT_METADATA_KEY not in metadata:
+            raise ValueError(f"{path} is not a compact Loftey checkpoint: its metadata has no {COMPACT_METADATA_KEY}")
+        description = json.loads(metadata[COMPACT_METADATA_KEY])
+        version = description.get("format_version")
         if version != COMPACT_FORMAT_VERSION:
             raise ValueError(
-                f"{path} is not a compact Loftey checkpoint: metadata {COMPACT_FORMAT_KEY} is {version!r}, "
-                f"expected {COMPACT_FORMAT_VERSION!r}"
+                f"{path} has compact format version {version!r}; this loftey reads version {COMPACT_FORMAT_VERSION}"
             )
-        config = LofteyConfig(**json.loads(metadata[COMPACT_CONFIG_KEY]))
+        config = LofteyConfig(**description["config"])
         tensors = {name: f.get_tensor(name) for name in f.keys()}
     used_ids = tensors.pop(USED_IDS_TENSOR)
     return CompactCheckpoint(config, BucketVocab(used_ids, config.vocab_size), tensors)

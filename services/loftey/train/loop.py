@@ -273,11 +273,15 @@ class Trainer:
         return total / max(1, count)
 
     def expert_load(self, batches: Sequence[Batch]) -> list[list[float]] | None:
-        """Measure the fraction of assignments per expert in each layer [layers][E] over `batches`."""
-        if not self.config.use_moe:
+        """Measure the fraction of assignments per expert in each layer [layers][E] over `batches`.
+
+        Returns None for a model without experts or when there are no batches.
+        """
+        if not self.config.use_moe or not batches:
             return None
         statistics = RouterStatistics(self.model)
         fractions = []
+        self.model.eval()
         with torch.no_grad():
             for batch in batches:
                 statistics.clear()
@@ -285,6 +289,7 @@ class Trainer:
                 valid = batch.segments.reshape(-1) != PAD_SEGMENT  # [B*T]
                 fractions.append(statistics.load_balancing_loss(valid)[1])
         statistics.remove()
+        self.model.train()
         return torch.stack(fractions).mean(dim=0).tolist()
 
 
