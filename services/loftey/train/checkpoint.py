@@ -79,7 +79,7 @@ def fill_bucket_embedding(state: dict[str, torch.Tensor], vocab: BucketVocab) ->
 
 
 def expand_state(compact: dict[str, torch.Tensor], vocab: BucketVocab) -> dict[str, torch.Tensor]:
-    """Full-vocabulary weights from compact ones: used rows in place, the bucket row everywhere else."""
+    """Expand compact weights to the full vocabulary: used rows in place, the bucket row everywhere else."""
     full = dict(compact)
     for name in VOCAB_ROWS:
         rows = compact[name]  # [N + 1, C]
@@ -92,7 +92,7 @@ def expand_state(compact: dict[str, torch.Tensor], vocab: BucketVocab) -> dict[s
 
 
 def compact_state(full: dict[str, torch.Tensor], vocab: BucketVocab) -> dict[str, torch.Tensor]:
-    """Compact weights from full ones; the inverse of `expand_state`.
+    """Shrink full-vocabulary weights to compact ones, the inverse of `expand_state`.
 
     Raises ValueError when the unused rows of the embedding or of lm_head are not all
     equal, because no single bucket row could then stand for them.
