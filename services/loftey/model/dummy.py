@@ -118,8 +118,8 @@ def write_dummy_checkpoint(
 
 
 def default_cache_dir() -> Path:
-    """Folder for generated checkpoints: $LOFTEY_CACHE, else ~/.cache/loftey."""
-    return Path(os.environ.get("LOFTEY_CACHE", Path.home() / ".cache" / "loftey"))
+    """Folder for generated checkpoints: $LOFTEY_CACHE_DIR, else ~/.cache/loftey."""
+    return Path(os.environ.get("LOFTEY_CACHE_DIR", Path.home() / ".cache" / "loftey"))
 
 
 def ensure_dummy_235m(seed: int = 0, folder: str | os.PathLike | None = None) -> Path:
