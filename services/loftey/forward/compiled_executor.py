@@ -17,11 +17,13 @@ UNAVAILABLE instead of completing. The ray and ray-calls executors recover.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 
 import numpy as np
 import ray
+import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayChannelError, RayTaskError
 
 from loftey.forward.executor import ExpertGroupUnavailable, GroupCall, GroupResult
@@ -62,6 +64,8 @@ class CompiledGraphExecutor(RayCallsExecutor):
             except Exception as error:  # noqa: BLE001 - a broken graph may fail to tear down; it is dropped anyway
                 logger.warning("compiled graph teardown failed: %s", error)
             self.graph = None
+            # Free the graph's buffer views now, while this Ray session can still release them.
+            gc.collect()
 
     def close(self) -> None:
         self._teardown()
@@ -102,5 +106,9 @@ class CompiledGraphExecutor(RayCallsExecutor):
             raise ExpertGroupUnavailable(None, f"layer {layer} compiled-graph call failed: {error}") from error
 
         elapsed = time.monotonic() - started
-        # Copies: the graph may reuse the buffers its outputs were read from.
-        return [GroupResult(from_wire(np.array(outputs[call.group]), self.torch_dtype), elapsed) for call in calls]
+        wire_dtype = np.int16 if self.torch_dtype == torch.bfloat16 else np.float32
+        results = []
+        for call in calls:
+            rows = np.frombuffer(outputs[call.group], dtype=wire_dtype).reshape(-1, self.config.hidden_size)  # [n, C]
+            results.append(GroupResult(from_wire(rows, self.torch_dtype), elapsed))
+        return results

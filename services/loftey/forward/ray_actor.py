@@ -103,11 +103,16 @@ class ExpertGroupActor:
         out = self.compute(layer, from_wire(hidden, self.torch_dtype), torch.from_numpy(expert_ids), torch.from_numpy(weights))
         return to_wire(out)
 
-    def run_payload(self, payload: tuple | None) -> np.ndarray | None:
-        """Compiled-graph entry: None (no rows for this group) returns None at once."""
+    def run_payload(self, payload: tuple | None) -> bytes | None:
+        """Compiled-graph entry: the partial sum's raw bytes (wire format); None (no rows) returns None at once.
+
+        Bytes, not an array: a compiled graph hands arrays over as zero-copy views of its
+        channel buffers, and with Ray 2.60 freeing such a view after the graph is torn
+        down crashed the process (in MutableObjectManager::ReadRelease).
+        """
         if payload is None:
             return None
-        return self.run_layer(*payload)
+        return self.run_layer(*payload).tobytes()
 
     def open_channel(self, spec) -> None:
         """Serve layer calls over a shared-memory channel (replacing any earlier one) from a thread of its own."""

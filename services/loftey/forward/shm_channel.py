@@ -96,8 +96,10 @@ class ChannelBuffers:
             self._map = mmap.mmap(fd, spec.nbytes())
         finally:
             os.close(fd)
+        # np.frombuffer holds a buffer export, so mmap.close() cannot unmap memory that an
+        # array (or a torch tensor made from one) still points to; np.ndarray(buffer=...) does not.
         self.views = {
-            name: np.ndarray(shape, dtype=dtype, buffer=self._map, offset=offset)
+            name: np.frombuffer(self._map, dtype=dtype, count=shape[0] * shape[1], offset=offset).reshape(shape)
             for name, (dtype, shape, offset) in spec.regions().items()
         }
 
@@ -106,7 +108,7 @@ class ChannelBuffers:
         try:
             self._map.close()
         except BufferError:
-            # A caller still has a view, so the mapping is freed when that view is.
+            # A caller still has a view, so the mapping is freed when the last view is.
             pass
 
 
