@@ -26,6 +26,7 @@
 #   LOFTEY_TOKENIZER_PORT    50052          tokenizer service port (bound on 127.0.0.1)
 #   LOFTEY_FORWARD_PORT      50053          forward service port (bound on 127.0.0.1)
 #   LOFTEY_FORWARD_ARGS      (empty)        extra `loftey serve forward` options, e.g. "--max-restarts 0"
+#   LOFTEY_ORCHESTRATOR_ARGS (empty)        extra `loftey serve orchestrator` options, e.g. TLS and token
 #   LOFTEY_RUN_DIR           ~/loftey-run   logs and pid files
 #   LOFTEY_WORKER_TIMEOUT    3600           seconds the forward service waits for worker nodes
 #   LOFTEY_STOP_TIMEOUT      30             seconds a service gets to exit after SIGTERM
@@ -45,6 +46,7 @@ LOFTEY_METRICS_PORT=${LOFTEY_METRICS_PORT:-9464}
 LOFTEY_TOKENIZER_PORT=${LOFTEY_TOKENIZER_PORT:-50052}
 LOFTEY_FORWARD_PORT=${LOFTEY_FORWARD_PORT:-50053}
 LOFTEY_FORWARD_ARGS=${LOFTEY_FORWARD_ARGS:-}
+LOFTEY_ORCHESTRATOR_ARGS=${LOFTEY_ORCHESTRATOR_ARGS:-}
 LOFTEY_RUN_DIR=${LOFTEY_RUN_DIR:-$HOME/loftey-run}
 LOFTEY_WORKER_TIMEOUT=${LOFTEY_WORKER_TIMEOUT:-3600}
 LOFTEY_STOP_TIMEOUT=${LOFTEY_STOP_TIMEOUT:-30}
@@ -130,9 +132,11 @@ run_service() {
                 --expert-resource "$LOFTEY_EXPERT_RESOURCE" --placement-strategy SPREAD \
                 $LOFTEY_FORWARD_ARGS ;;
         orchestrator)
+            # shellcheck disable=SC2086 # LOFTEY_ORCHESTRATOR_ARGS holds several words
             exec "$PYTHON" -m loftey.orchestrator \
                 --tokenizer "127.0.0.1:$LOFTEY_TOKENIZER_PORT" --forward "127.0.0.1:$LOFTEY_FORWARD_PORT" \
-                --host "$LOFTEY_HOST" --port "$LOFTEY_PORT" --metrics-port "$LOFTEY_METRICS_PORT" ;;
+                --host "$LOFTEY_HOST" --port "$LOFTEY_PORT" --metrics-port "$LOFTEY_METRICS_PORT" \
+                $LOFTEY_ORCHESTRATOR_ARGS ;;
         *)
             log "unknown service $name"; exit 2 ;;
     esac
