@@ -9,10 +9,11 @@ NOTE: compiled-graph actors busy-wait for their next input (Ray 2.60), so each
 keeps a core spinning between tokens. benchmarks/forward_step.py measures
 what that costs.
 
-NOTE: recovery from a killed actor is not reliable with Ray 2.60: the graph
-compiled again over the restarted actor ran a few layers and then hung until
-Ray's 10 s channel timeout (RAY_CGRAPH_get_timeout), so the step failed with
-UNAVAILABLE instead of completing. The ray and ray-calls executors recover.
+NOTE: recovery from a killed actor is not reliable with Ray 2.60. In a test,
+the graph compiled again over the restarted actor ran a few layers and then
+hung until Ray's 10 s channel timeout (RAY_CGRAPH_get_timeout). The step then
+failed with UNAVAILABLE instead of completing. The ray and ray-calls
+executors recover.
 """
 
 from __future__ import annotations

@@ -96,8 +96,9 @@ class ChannelBuffers:
             self._map = mmap.mmap(fd, spec.nbytes())
         finally:
             os.close(fd)
-        # np.frombuffer holds a buffer export, so mmap.close() cannot unmap memory that an
-        # array (or a torch tensor made from one) still points to; np.ndarray(buffer=...) does not.
+        # An array from np.frombuffer keeps a buffer export of the map, so mmap.close() cannot
+        # unmap memory that it (or a torch tensor made from it) still points to.
+        # np.ndarray(buffer=...) keeps no export.
         self.views = {
             name: np.frombuffer(self._map, dtype=dtype, count=shape[0] * shape[1], offset=offset).reshape(shape)
             for name, (dtype, shape, offset) in spec.regions().items()
