@@ -27,6 +27,9 @@ MAX_REPETITION_PENALTY = 10.0
 DEFAULT_MAX_NEW_TOKENS = 256
 MAX_STOP_STRINGS = 8
 MAX_STOP_STRING_CHARS = 128
+# Far above any real stop list or conversation, and small enough that checking one is cheap.
+MAX_STOP_TOKEN_IDS = 64
+MAX_CHAT_MESSAGES = 256
 MAX_LOGPROBS = 20
 MAX_REQUEST_ID_CHARS = 128
 CHAT_ROLES = ("system", "user", "assistant")
@@ -165,6 +168,9 @@ def validate_prompt(prompt: generation_pb2.Prompt | None, limits: Limits) -> Pro
     if kind == "messages":
         return ChatPrompt(_validate_messages(prompt.messages, limits))
     ids = tuple(prompt.token_ids.ids)
+    # Rejects an oversized prompt before the per-id check walks all of it.
+    if len(ids) >= limits.max_seq_len:
+        check_prompt_length(len(ids), limits)
     for index, token_id in enumerate(ids):
         if token_id >= limits.vocab_size:
             raise invalid_argument(f"prompt.token_ids.ids[{index}]", f"in [0, {limits.vocab_size})", token_id)
@@ -186,6 +192,9 @@ def check_prompt_length(num_tokens: int, limits: Limits) -> None:
 def _validate_messages(messages: common_pb2.ChatMessages, limits: Limits) -> tuple[tuple[str, str], ...]:
     if len(messages.messages) == 0:
         raise invalid_argument("prompt.messages.messages", "at least 1 message", 0)
+    if len(messages.messages) > MAX_CHAT_MESSAGES:
+        raise invalid_argument(
+            "prompt.messages.messages", f"at most {MAX_CHAT_MESSAGES} messages", len(messages.messages))
     total_chars = 0
     for index, message in enumerate(messages.messages):
         if message.role not in CHAT_ROLES:
@@ -242,6 +251,9 @@ def _validate_stopping(stopping: generation_pb2.StoppingParams, limits: Limits) 
         if not 1 <= len(stop) <= MAX_STOP_STRING_CHARS:
             raise invalid_argument(f"stopping.stop[{index}]", f"1 to {MAX_STOP_STRING_CHARS} characters long", stop)
 
+    if len(stopping.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise invalid_argument(
+            "stopping.stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids", len(stopping.stop_token_ids))
     for index, token_id in enumerate(stopping.stop_token_ids):
         if token_id >= limits.vocab_size:
             raise invalid_argument(f"stopping.stop_token_ids[{index}]", f"in [0, {limits.vocab_size})", token_id)
