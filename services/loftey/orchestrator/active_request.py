@@ -69,6 +69,9 @@ class ActiveRequest:
     # (cancelled, timed out or failed), so later steps' tokens for it are dropped.
     num_sampled: int = 0
     dropped: bool = False
+    # Scheduler-owned: every id sampled so far, so that a restarted forward service can
+    # prefill the sequence again (prompt plus these ids) and continue it.
+    sampled_ids: list[int] = field(default_factory=list)
 
     # Streamer-owned: ids fed to the detokenizer with its offsets, the stop-string
     # matcher, tokens streamed, and whether the last event was sent.

@@ -53,6 +53,9 @@ class OrchestratorConfig:
     shutdown_timeout_s: float = 30.0
     # Maximum seconds one Forward.Step may take before its requests fail with UNAVAILABLE.
     step_timeout_s: float = 120.0
+    # Maximum seconds to wait for a forward service that became unavailable mid-step (a
+    # restart) before its running requests fail; 0 fails them at once.
+    forward_recovery_timeout_s: float = 60.0
     # Seconds between health checks of the backends.
     health_interval_s: float = 1.0
     # Seconds between Forward.GetStats scrapes for the expert-load metrics.
@@ -237,6 +240,7 @@ class Orchestrator:
                 eos_token_ids=frozenset(eos_token_ids),
                 detokenize_batch_size=tokenizer_info.max_batch_size or DEFAULT_DETOKENIZE_BATCH_SIZE,
                 step_timeout_s=self.config.step_timeout_s,
+                forward_recovery_timeout_s=self.config.forward_recovery_timeout_s,
             ),
             self.metrics,
             on_forward_unavailable=self._on_forward_unavailable,

@@ -53,6 +53,11 @@ STREAM_QUEUE_DEPTH = 1
 SEQUENCE_ID_BITS = 62
 # Maximum seconds to wait, after aborting the requests left at shutdown, for the tasks to end them.
 ABORT_GRACE_S = 5.0
+# Seconds between health checks while waiting for a restarted forward service.
+FORWARD_RECOVERY_POLL_S = 0.2
+# Recoveries in a row, without a successful step between them, after which the running
+# requests fail: a forward service that reports SERVING but fails every Step is not restarting.
+MAX_CONSECUTIVE_RECOVERIES = 3
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,10 @@ class SchedulerLimits:
     step_timeout_s: float = 120.0
     # Sequences per DetokenizeStep call at most (the tokenizer service's max_batch_size).
     detokenize_batch_size: int = 1024
+    # Maximum seconds to wait for a forward service that failed a Step with UNAVAILABLE to
+    # report SERVING again. When it does, the running sequences are prefilled again and
+    # continue. Past it, they fail with UNAVAILABLE. 0 fails them at once.
+    forward_recovery_timeout_s: float = 60.0
 
 
 @dataclass
@@ -116,6 +125,10 @@ class Scheduler:
         # Keyed by sequence id, in admission order.
         self._running: dict[int, ActiveRequest] = {}
         self._pending_release: list[int] = []
+        # Running sequences that a restarted forward service no longer holds: the next step
+        # sends them as new sequences again, with their sampled ids and first_step.
+        self._resuming: set[int] = set()
+        self._consecutive_recoveries = 0
         # Every submitted request whose last event has not been sent yet.
         self._live: set[ActiveRequest] = set()
         # A random start keeps ids apart from sequences a previous orchestrator left live
@@ -318,11 +331,13 @@ class Scheduler:
         return min(self._limits.max_batch_size, self._limits.kv_slots)
 
     async def _step(self, new: list[ActiveRequest], output: _StepOutput) -> None:
-        new_ids = {active.sequence_id for active in new}
+        resumed = [self._running[sequence_id] for sequence_id in self._resuming if sequence_id in self._running]
+        self._resuming = set()
+        prefilled = {active.sequence_id for active in new + resumed}
         step_request = forward_pb2.StepRequest(
             release_ids=self._pending_release,
-            new_sequences=[_new_sequence(active) for active in new],
-            decode_ids=[sequence_id for sequence_id in self._running if sequence_id not in new_ids],
+            new_sequences=[_new_sequence(active) for active in resumed + new],
+            decode_ids=[sequence_id for sequence_id in self._running if sequence_id not in prefilled],
         )
         self._pending_release = []
         self._metrics.batch_size.observe(len(self._running))
@@ -331,9 +346,13 @@ class Scheduler:
         try:
             reply = await self._backends.step(step_request, self._limits.step_timeout_s)
         except BackendError as error:
-            self._fail_step(error, output)
+            if error.backend_code == grpc.StatusCode.UNAVAILABLE and await self._wait_for_forward(error):
+                self._resume_running()
+            else:
+                self._fail_step(error, output)
             return
         self._metrics.forward_step_time.observe(time.monotonic() - started)
+        self._consecutive_recoveries = 0
 
         for sequence_output in reply.outputs:
             active = self._running.get(sequence_output.sequence_id)
@@ -357,6 +376,7 @@ class Scheduler:
 
         active.num_sampled += 1
         token_id = sequence_output.token_id
+        active.sampled_ids.append(token_id)
         finish_reason = UNFINISHED
         has_text = True
         if token_id in active.stop_token_ids:
@@ -379,6 +399,38 @@ class Scheduler:
     def _remove(self, active: ActiveRequest) -> None:
         self._running.pop(active.sequence_id, None)
         self._pending_release.append(active.sequence_id)
+
+    async def _wait_for_forward(self, error: BackendError) -> bool:
+        """Wait up to forward_recovery_timeout_s for the forward service to serve again; return whether it does."""
+        timeout_s = self._limits.forward_recovery_timeout_s
+        if timeout_s <= 0 or not self._running or self._consecutive_recoveries >= MAX_CONSECUTIVE_RECOVERIES:
+            return False
+        self._consecutive_recoveries += 1
+        logger.warning("Forward.Step failed for %d sequences (%s); waiting up to %g s for the forward service",
+                       len(self._running), error.message, timeout_s)
+        self._on_forward_unavailable()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            _, forward_serving = await self._backends.serving()
+            if forward_serving:
+                return True
+            await asyncio.sleep(FORWARD_RECOVERY_POLL_S)
+        return False
+
+    def _resume_running(self) -> None:
+        """Give every running sequence a new id and have the next step prefill it again.
+
+        New ids keep the resumed sequences apart from the old ones, in case the forward
+        service still holds those because a call failed without a restart. The old ids
+        are released with the next step, which ignores ids the service does not know.
+        """
+        running, self._running = self._running, {}
+        for old_id, active in running.items():
+            self._pending_release.append(old_id)
+            active.sequence_id = next(self._sequence_ids)
+            self._running[active.sequence_id] = active
+            self._resuming.add(active.sequence_id)
+        logger.warning("forward service is back; prefilling %d running sequences again", len(running))
 
     def _fail_step(self, error: BackendError, output: _StepOutput) -> None:
         timed_out = error.backend_code == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -522,10 +574,11 @@ def _needs_detokenize(token: _SampledToken) -> bool:
 
 
 def _new_sequence(active: ActiveRequest) -> forward_pb2.NewSequence:
+    """Build the NewSequence of a request; one already sampling continues at its next RNG step."""
     sampling = active.request.sampling
     return forward_pb2.NewSequence(
         sequence_id=active.sequence_id,
-        prompt_ids=active.request.prompt_ids,
+        prompt_ids=[*active.request.prompt_ids, *active.sampled_ids],
         sampling=forward_pb2.SequenceSampling(
             temperature=sampling.temperature,
             top_k=sampling.top_k,
@@ -535,5 +588,5 @@ def _new_sequence(active: ActiveRequest) -> forward_pb2.NewSequence:
             repetition_penalty=sampling.repetition_penalty,
             num_logprobs=active.request.params.num_logprobs or 0,
         ),
-        first_step=0,
+        first_step=active.num_sampled,
     )

@@ -88,6 +88,13 @@ def serve_orchestrator(
     step_timeout: Annotated[
         float, typer.Option(min=0.001, help="Seconds one forward step may take before its requests fail.")
     ] = _DEFAULTS.step_timeout_s,
+    forward_recovery_timeout: Annotated[
+        float, typer.Option(
+            min=0.0,
+            help="Seconds to wait for a restarted forward service before failing the running requests; "
+            "0 fails them at once.",
+        )
+    ] = _DEFAULTS.forward_recovery_timeout_s,
     tls_cert: Annotated[
         Path | None, typer.Option(help="PEM certificate chain of the public port; with --tls-key, serves TLS.")
     ] = None,
@@ -116,6 +123,7 @@ def serve_orchestrator(
         max_new_tokens_limit=max_new_tokens_limit,
         shutdown_timeout_s=shutdown_timeout,
         step_timeout_s=step_timeout,
+        forward_recovery_timeout_s=forward_recovery_timeout,
         tls_cert=tls_cert,
         tls_key=tls_key,
         tls_client_ca=tls_client_ca,
