@@ -1,7 +1,7 @@
-"""`loftey bench`: serve (load one server), sweep (a server per point), baseline, profile.
+"""`loftey bench`: serve (load one server), sweep (a server per point), baseline, profile, soak.
 
 Only typer and the standard library are imported at the top, so `loftey --help` stays fast.
-Every command writes its results as JSON, a markdown report and PNG plots into
+Every command but soak writes its results as JSON, a markdown report and PNG plots into
 --output-dir (default runs/bench/<command>-<time>).
 """
 
@@ -339,3 +339,58 @@ def bench_profile(
     plot_profile(profiles, folder / "profile.png")
     typer.echo(report)
     typer.echo(f"results in {folder}")
+
+
+@bench_app.command("soak")
+def bench_soak(
+    model: Annotated[str, typer.Option("--model", help="'tiny', 'dummy-235m' or a checkpoint folder.")] = "tiny",
+    expert_groups: Annotated[int, typer.Option("--expert-groups", min=1, help="Expert groups of the started stack.")] = 2,
+    executor: Annotated[str, typer.Option("--executor", help="Executor of the started stack.")] = "ray",
+    duration: Annotated[float, typer.Option("--duration", min=1.0, help="Measured seconds after the warm-up.")] = 600.0,
+    warmup: Annotated[
+        float, typer.Option("--warmup", min=0.0, help="Seconds of load before RSS is measured.")
+    ] = 30.0,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="Requests in flight.")] = 8,
+    rss_window: Annotated[
+        float | None, typer.Option("--rss-window", min=0.1, help="Seconds averaged at each end of the measured "
+                                   "phase for RSS growth; unset: 30 s, or a quarter of --duration if shorter.")
+    ] = None,
+    max_rss_growth: Annotated[
+        float, typer.Option("--max-rss-growth", min=0.0, help="Maximum RSS growth as a fraction, 0.05 for 5%.")
+    ] = 0.05,
+    seed: SeedOption = 0,
+    output: Annotated[Path | None, typer.Option("--output", dir_okay=False, help="JSON report file.")] = None,
+) -> None:
+    """Start a stack and run a mixed load with cancels, expired deadlines and bad requests.
+
+    Exits with code 1 when a KV slot leaks, a request is lost, a bad request is not
+    rejected with INVALID_ARGUMENT, or RSS grows past --max-rss-growth.
+    """
+    import asyncio
+
+    from rich.console import Console
+
+    from loftey.bench.soak import SoakSettings, render_report, run_soak, service_pid_map
+    from loftey.launcher import StackConfig, run_stack
+
+    window = rss_window if rss_window is not None else min(30.0, duration / 4)
+    try:
+        settings = SoakSettings(duration_s=duration, warmup_s=warmup, concurrency=concurrency,
+                                rss_window_s=window, sample_interval_s=min(2.0, window),
+                                max_rss_growth=max_rss_growth, seed=seed)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
+    config = StackConfig(model=model, host="127.0.0.1", port=0, expert_groups=expert_groups, executor=executor)
+    with run_stack(config) as services:
+        forward = next(service for service in services if service.name == "forward")
+        report = asyncio.run(run_soak(f"127.0.0.1:{services[-1].port}", f"127.0.0.1:{forward.port}",
+                                      service_pid_map(services), settings))
+    console = Console()
+    for table in render_report(report):
+        console.print(table)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report.to_dict(), indent=1) + "\n", encoding="utf-8")
+        typer.echo(f"report in {output}")
+    if not report.passed:
+        raise typer.Exit(1)
