@@ -239,10 +239,11 @@ class SoakReport:
 
 
 def sample_rss(service_pids: dict[str, int]) -> tuple[int, int, dict[str, int]]:
-    """Return the summed RSS in bytes of the services and their descendants, the process count and RSS by service.
+    """Sum the RSS in bytes of the services and their descendants.
 
-    Processes that exit between listing and reading are skipped. Shared pages (Ray's
-    object store) count once per process that maps them, as RSS does.
+    Returns (total bytes, process count, bytes by service name). Processes that exit
+    between listing and reading are skipped. Shared pages (Ray's object store) count
+    once per process that maps them, as RSS does.
     """
     total = 0
     count = 0
