@@ -33,7 +33,7 @@ def _report(records, samples, kv_slots_used=0) -> SoakReport:
 
 
 def _samples(first_mib: float, last_mib: float) -> list[RssSample]:
-    # Warm-up samples are far higher and must not count; then 10 s at first_mib, 10 s flat, 10 s at last_mib.
+    # Warm-up samples are far higher and must not count. Then come 10 s at first_mib, 10 s flat and 10 s at last_mib.
     warmup = [RssSample(t, 900 * MIB, 3) for t in (0.0, 4.0, 8.0)]
     first = [RssSample(t, int(first_mib * MIB), 3) for t in (10.0, 14.0, 18.0)]
     middle = [RssSample(t, int(first_mib * MIB), 3) for t in (24.0, 28.0)]
@@ -113,3 +113,15 @@ def test_soak_tiny_stack(tmp_path):
     assert outcomes["stream_cancelled"].get("cancelled", 0) > 0
     assert outcomes["deadline"].get("DEADLINE_EXCEEDED", 0) > 0
     assert report.rss_growth < 0.05, f"RSS grew {report.rss_growth:.2%}; samples in {tmp_path / 'soak.json'}"
+
+
+def test_report_growth_by_service():
+    samples = []
+    for elapsed in (10.0, 14.0, 18.0, 30.0, 40.0, 44.0, 50.0):
+        orchestrator_mib = 60 if elapsed >= 40 else 50
+        by_service = {"forward": 100 * MIB, "orchestrator": orchestrator_mib * MIB}
+        samples.append(RssSample(elapsed, sum(by_service.values()), 2, by_service))
+    growth = _report([], samples).rss_growth_by_service()
+
+    assert growth["forward"] == pytest.approx(0.0)
+    assert growth["orchestrator"] == pytest.approx(0.2)
