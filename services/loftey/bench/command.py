@@ -358,7 +358,7 @@ def bench_soak(
     max_rss_growth: Annotated[
         float, typer.Option("--max-rss-growth", min=0.0, help="Maximum RSS growth as a fraction, 0.05 for 5%.")
     ] = 0.05,
-    seed: SeedOption = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the request kinds, prompts, lengths and sampling.")] = 0,
     output: Annotated[Path | None, typer.Option("--output", dir_okay=False, help="JSON report file.")] = None,
 ) -> None:
     """Start a stack and run a mixed load with cancels, expired deadlines and bad requests.
