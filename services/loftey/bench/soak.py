@@ -71,6 +71,11 @@ PROMPTS = (
     "Say hello in Spanish.",
     "Count from one to five.",
 )
+# Sampling options of the seeded kinds; the greedy kinds send temperature 0.
+SEEDED_SAMPLING = {"temperature": 0.8, "top_k": 50, "top_p": 0.95}
+GREEDY_SAMPLING = {"temperature": 0.0}
+# Finish reasons of a completed request; the client maps an unset one to "unspecified".
+FINISH_REASONS = frozenset({"stop", "length"})
 # max_new_tokens of normal requests is drawn from this range.
 MIN_NEW_TOKENS = 8
 MAX_NEW_TOKENS = 48
@@ -291,8 +296,8 @@ async def _send(client: AsyncLofteyClient, record: SoakRecord, rng: random.Rando
     """Send one request of record.kind and set its outcome; LofteyError becomes its status code name."""
     messages = [{"role": "user", "content": rng.choice(PROMPTS)}]
     max_new_tokens = rng.randint(MIN_NEW_TOKENS, MAX_NEW_TOKENS)
-    seeded = {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "seed": rng.randrange(2**31)}
-    greedy = {"temperature": 0.0}
+    seeded = {**SEEDED_SAMPLING, "seed": rng.randrange(2**31)}
+    greedy = GREEDY_SAMPLING
     request_id = f"soak-{record.index}"
     kind = record.kind
     try:
@@ -301,7 +306,7 @@ async def _send(client: AsyncLofteyClient, record: SoakRecord, rng: random.Rando
             completion = await client.generate(
                 messages=messages, max_new_tokens=max_new_tokens, request_id=request_id, **options
             )
-            record.outcome, record.finish_reason = "completed", completion.finish_reason
+            record.outcome, record.finish_reason = _completed(completion.finish_reason), completion.finish_reason
         elif kind in ("stream_greedy", "stream_seeded", "stream_cancelled"):
             options = greedy if kind == "stream_greedy" else seeded
             cancel_after = rng.randint(1, MAX_CHUNKS_BEFORE_CANCEL) if kind == "stream_cancelled" else None
@@ -311,7 +316,7 @@ async def _send(client: AsyncLofteyClient, record: SoakRecord, rng: random.Rando
                 messages=messages, max_new_tokens=DEADLINE_NEW_TOKENS, ignore_eos=True, request_id=request_id,
                 timeout=settings.short_deadline_s, **seeded,
             )
-            record.outcome, record.finish_reason = "completed", completion.finish_reason
+            record.outcome, record.finish_reason = _completed(completion.finish_reason), completion.finish_reason
         elif kind == "bad_top_p":
             await client.generate(messages=messages, max_new_tokens=max_new_tokens, request_id=request_id,
                                   temperature=1.0, top_p=1.5)
@@ -323,6 +328,10 @@ async def _send(client: AsyncLofteyClient, record: SoakRecord, rng: random.Rando
         record.outcome, record.message = error.code.name, error.message
 
 
+def _completed(finish_reason: str) -> str:
+    return "completed" if finish_reason in FINISH_REASONS else f"completed with finish reason {finish_reason!r}"
+
+
 async def _stream(client, record, messages, max_new_tokens, request_id, options, cancel_after) -> str:
     chunks = 0
     stream = client.stream(messages=messages, max_new_tokens=max_new_tokens, request_id=request_id, **options)
@@ -330,7 +339,7 @@ async def _stream(client, record, messages, max_new_tokens, request_id, options,
         async for chunk in stream:
             if chunk.finish_reason is not None:
                 record.finish_reason = chunk.finish_reason
-                return "completed"
+                return _completed(chunk.finish_reason)
             chunks += 1
             if cancel_after is not None and chunks >= cancel_after:
                 return "cancelled"
@@ -341,7 +350,7 @@ async def _stream(client, record, messages, max_new_tokens, request_id, options,
 
 
 async def _worker(client, worker_id, records, settings, started, end_at) -> None:
-    rng = random.Random(settings.seed * 1_000_003 + worker_id)
+    rng = random.Random(f"{settings.seed}-{worker_id}")
     kinds = list(SOAK_MIX)
     weights = list(SOAK_MIX.values())
     while time.monotonic() < end_at:
