@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 INTERNAL_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Public requests are prompts and parameters; 16 MiB is far above any valid one.
 PUBLIC_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# Backoff between reconnection attempts of a channel whose server went away.
+RECONNECT_BACKOFF_INITIAL_MS = 100
+RECONNECT_BACKOFF_MAX_MS = 1000
 
 
 class ServiceError(Exception):
@@ -156,10 +159,18 @@ async def start_server(
 
 
 def channel_options(max_message_bytes: int = INTERNAL_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    """Return client channel options matching the servers' message limits."""
+    """Return client channel options matching the servers' message limits.
+
+    Reconnect backoff is capped at RECONNECT_BACKOFF_MAX_MS so a restarted
+    backend is reached again within about a second, instead of gRPC's default
+    of up to 120 s.
+    """
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_INITIAL_MS),
+        ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_INITIAL_MS),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS),
     ]
 
 

@@ -28,6 +28,7 @@ NEW_TOKENS = 40
 # Tokens each request must have streamed before the service is killed.
 TOKENS_BEFORE_KILL = 5
 RECOVERY_TIMEOUT_S = 120
+RECONNECT_POLL_S = 0.5
 
 
 @dataclass
@@ -103,6 +104,23 @@ async def stream_with_restart(stack: Stack, client: AsyncLofteyClient, name: str
     return await asyncio.gather(*tasks)
 
 
+async def tokens_once_tokenizer_reached(client: AsyncLofteyClient) -> list[list[int]]:
+    """Return undisturbed_tokens once the orchestrator's channel has reconnected to the restarted tokenizer.
+
+    The channel retries with a backoff of up to a second, so the first call
+    after the restart may still see the old connection refused.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + RECOVERY_TIMEOUT_S
+    while True:
+        try:
+            return await undisturbed_tokens(client)
+        except LofteyError as error:
+            if error.code != grpc.StatusCode.UNAVAILABLE or loop.time() > deadline:
+                raise
+        await asyncio.sleep(RECONNECT_POLL_S)
+
+
 async def forward_live_sequences(stack: Stack) -> int:
     async with grpc.aio.insecure_channel(stack.services["forward"].address) as channel:
         stats = await forward_pb2_grpc.ForwardStub(channel).GetStats(forward_pb2.GetStatsRequest(), timeout=30)
@@ -138,5 +156,5 @@ async def test_tokenizer_restart_fails_then_serves(stack: Stack):
                 assert "tokenizer" in result.message
             else:
                 assert result == tokens
-        after = await undisturbed_tokens(client)
+        after = await tokens_once_tokenizer_reached(client)
     assert after == expected
