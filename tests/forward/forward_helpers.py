@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 from loftey.forward.engine import ForwardEngine, NewSequence, StepPlan
 from loftey.forward.sampling import GREEDY
+
+
+# NOTE: with Ray 2.60, a process that ran a compiled graph sometimes dies with a
+# segmentation fault later, at teardown or during an unrelated test, so these
+# tests run only when asked for: LOFTEY_TEST_RAY_COMPILED=1 (make test-compiled).
+# Remove the opt-in once compiled-graph teardown no longer crashes the driver.
+needs_compiled_graph_opt_in = pytest.mark.skipif(
+    os.environ.get("LOFTEY_TEST_RAY_COMPILED") != "1",
+    reason="Ray compiled graphs can crash the test process at teardown; set LOFTEY_TEST_RAY_COMPILED=1",
+)
+
 
 NEW_TOKENS = 12
 

@@ -13,6 +13,7 @@ import signal
 
 import grpc
 import pytest
+from forward_helpers import needs_compiled_graph_opt_in
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loftey.forward.ray_executor import RayActorOptions
@@ -111,6 +112,7 @@ async def test_killed_actor_without_restarts_unavailable(ray_cluster, long_check
         await stop_forward_server(running, servicer, grace_s=None)
 
 
+@needs_compiled_graph_opt_in
 async def test_compiled_graph_never_hangs_on_killed_actor(ray_cluster, long_checkpoint):
     # A compiled graph does not always recover from a restarted actor (see compiled_executor),
     # so either outcome of R3 is accepted here, but never a hang or a leaked slot.

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from forward_helpers import check_b1, check_m1, engine_greedy, reference_greedy
+from forward_helpers import check_b1, check_m1, engine_greedy, needs_compiled_graph_opt_in, reference_greedy
 
 from loftey.forward.server import ForwardSettings, build_engine, build_executor
 from loftey.forward.weights import load_config
 
 pytestmark = pytest.mark.slow
 
-RAY_EXECUTORS = ("ray", "ray-calls", "ray-compiled")
+RAY_EXECUTORS = ("ray", "ray-calls", pytest.param("ray-compiled", marks=needs_compiled_graph_opt_in))
 
 
 @pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda g: f"G{g}")
