@@ -84,7 +84,7 @@ MAX_CHUNKS_BEFORE_CANCEL = 4
 # Tokens requested by a deadline request: far more than fit in its deadline.
 DEADLINE_NEW_TOKENS = 256
 # A request still open this long after it was sent counts as lost. Far above any
-# latency the mix produces, so only a request the server never answers reaches it.
+# latency the mix produces, so only a request that gets no reply reaches it.
 REQUEST_TIMEOUT_S = 120.0
 GET_STATS_TIMEOUT_S = 10.0
 DRAIN_POLL_S = 0.5

@@ -421,7 +421,7 @@ class Scheduler:
         """Give every running sequence a new id and have the next step prefill it again.
 
         New ids keep the resumed sequences apart from the old ones, in case the forward
-        service still holds those because a call failed without a restart. The old ids
+        service still keeps those because a call failed without a restart. The old ids
         are released with the next step, which ignores ids the service does not know.
         """
         running, self._running = self._running, {}
