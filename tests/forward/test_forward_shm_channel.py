@@ -87,13 +87,52 @@ def test_timed_out_call_disconnects(spec):
         return hidden
 
     server = ChannelServer(spec, blocking)
-    client.connect(timeout_s=5)
-    call_id = client.submit(0, np.ones((1, HIDDEN), np.float32), np.zeros((1, ACTIVE), np.int64), np.zeros((1, ACTIVE), np.float32))
+    try:
+        client.connect(timeout_s=5)
+        call_id = client.submit(
+            0, np.ones((1, HIDDEN), np.float32), np.zeros((1, ACTIVE), np.int64), np.zeros((1, ACTIVE), np.float32)
+        )
+        with pytest.raises(ChannelError, match="no reply within"):
+            client.collect(call_id, 1, timeout_s=0.2)
+        with pytest.raises(ChannelError, match="not connected"):
+            client.collect(call_id, 1, timeout_s=0.2)
+    finally:
+        release.set()
+        client.close()
+        server.close()
+    assert not server.thread.is_alive()
 
-    with pytest.raises(ChannelError, match="no reply within"):
-        client.collect(call_id, 1, timeout_s=0.2)
-    with pytest.raises(ChannelError, match="not connected"):
-        client.collect(call_id, 1, timeout_s=0.2)
+
+def test_close_waits_for_running_call(spec):
+    client = ChannelClient(spec)
+    computing = threading.Event()
+    release = threading.Event()
+
+    def blocking(layer, hidden, expert_ids, weights):
+        computing.set()
+        release.wait(timeout=30)
+        return hidden * 2
+
+    server = ChannelServer(spec, blocking)
+    client.connect(timeout_s=30)
+    client.submit(0, np.ones((1, HIDDEN), np.float32), np.zeros((1, ACTIVE), np.int64), np.zeros((1, ACTIVE), np.float32))
+    assert computing.wait(timeout=30)
+    closer = threading.Thread(target=server.close)
+    closer.start()
+    # close() must not unmap the buffer while the call still writes its output into it.
+    assert server.buffers.views
     release.set()
+    closer.join(timeout=30)
+    assert not closer.is_alive()
+    assert not server.thread.is_alive()
+    assert server.buffers.views == {}
     client.close()
+
+
+def test_close_stops_idle_thread(spec):
+    client = ChannelClient(spec)
+    server = ChannelServer(spec, scaled_sum)
+    client.connect(timeout_s=5)
     server.close()
+    assert not server.thread.is_alive()
+    client.close()

@@ -40,6 +40,8 @@ STATUS_ERROR = 1
 MAX_ERROR_BYTES = 4096
 # Seconds to wait for the reply of a call left uncollected before the next call.
 DRAIN_TIMEOUT_S = 60.0
+# Seconds ChannelServer.close() waits for a call being computed to finish.
+CLOSE_TIMEOUT_S = 10.0
 # Offsets of the regions in the buffer are multiples of this (a cache line).
 ALIGNMENT = 64
 SHM_DIR = Path("/dev/shm")
@@ -138,17 +140,27 @@ class ChannelServer:
         self.listener.bind(spec.socket_path)
         self.listener.listen(1)
         self._closed = False
+        self._lock = threading.Lock()
+        # The connection being served, so that close() can end it.
+        self._connection: socket.socket | None = None
         self.thread = threading.Thread(target=self._serve, name="expert-channel", daemon=True)
         self.thread.start()
 
     def _serve(self) -> None:
-        while not self._closed:
+        while True:
             try:
                 connection, _ = self.listener.accept()
             except OSError:
-                return  # the listener was closed
+                return  # the listener was shut down
+            with self._lock:
+                if self._closed:
+                    connection.close()
+                    return
+                self._connection = connection
             with connection:
                 self._serve_connection(connection)
+            with self._lock:
+                self._connection = None
 
     def _serve_connection(self, connection: socket.socket) -> None:
         views = self.buffers.views
@@ -174,9 +186,28 @@ class ChannelServer:
             except OSError:
                 return
 
-    def close(self) -> None:
-        self._closed = True
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Stop accepting, end the served connection, and unmap the buffer once the thread has stopped.
+
+        A call being computed gets up to timeout_s to finish. The buffer stays
+        mapped while the thread may still write into it.
+        """
+        with self._lock:
+            self._closed = True
+            connection = self._connection
+        # shutdown() wakes a thread blocked in accept() or recv(); close() alone does not.
+        for sock in (self.listener, connection):
+            if sock is None:
+                continue
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # not connected, or already closed by the peer
+        self.thread.join(timeout_s)
         self.listener.close()
+        if self.thread.is_alive():
+            logger.warning("expert channel thread still running %.0f s after close, so its buffer stays mapped", timeout_s)
+            return
         self.buffers.close()
 
 
