@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import pytest
 from loftey.bench import plots, report
 from loftey.bench.metrics import RequestRecord, summarize
 from loftey.bench.profile import STAGES, StageProfile
-from loftey.bench.pyspy import PySpyRecorder, lm_head_line, stage_samples
+from loftey.bench.pyspy import PySpyRecorder, lm_head_line, py_spy_path, stage_samples
 from loftey.bench.result import BASELINE_LABEL, RunResult, read_results, write_results
 from loftey.bench.server_stats import ServerSnapshot, server_load
 
@@ -138,7 +137,7 @@ def test_pyspy_stacks_by_stage():
     }
 
 
-@pytest.mark.skipif(shutil.which("py-spy") is None, reason="py-spy is not installed")
+@pytest.mark.skipif(py_spy_path() is None, reason="py-spy is not installed")
 def test_pyspy_recorder_samples_a_process(tmp_path):
     spinner = subprocess.Popen([sys.executable, "-c", "while True: sum(range(1000))"])
     try:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import shutil
 import signal
 import subprocess
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +68,12 @@ class PySpyProfile:
 
 
 def py_spy_path() -> str | None:
-    return shutil.which("py-spy")
+    """Return the py-spy executable: on PATH, or else beside this Python (an unactivated virtual environment)."""
+    found = shutil.which("py-spy")
+    if found is not None:
+        return found
+    beside_python = Path(sys.executable).parent / "py-spy"
+    return str(beside_python) if os.access(beside_python, os.X_OK) else None
 
 
 def _frame_matches(frame: str, function: str, file_suffix: str, line: int | None) -> bool:
@@ -109,7 +116,10 @@ class PySpyRecorder:
         """Start sampling; return False (and log why) when py-spy is missing or cannot attach."""
         executable = py_spy_path()
         if executable is None:
-            logger.warning("py-spy not found on PATH; install it with `pip install py-spy` to profile the service")
+            logger.warning(
+                "py-spy not found on PATH or beside %s; install it with `pip install py-spy` to profile the service",
+                sys.executable,
+            )
             return False
         self.raw_path.parent.mkdir(parents=True, exist_ok=True)
         command = [
