@@ -63,6 +63,8 @@ class FakeForward(forward_pb2_grpc.ForwardServicer):
         self.fail_steps_with: grpc.StatusCode | None = None
         # Prompts whose rows report a sampler error (as NaN logits would).
         self.error_prompts: set[tuple[int, ...]] = set()
+        # Release calls still to fail with UNAVAILABLE, as a forward service that is briefly away would.
+        self.failing_releases = 0
         # Called with the step's index when a Step starts, before its delay.
         self.on_step: Callable[[int], None] | None = None
 
@@ -140,6 +142,9 @@ class FakeForward(forward_pb2_grpc.ForwardServicer):
         )
 
     async def Release(self, request, context):
+        if self.failing_releases > 0:
+            self.failing_releases -= 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "release failed on purpose")
         released = 0
         for sequence_id in request.sequence_ids:
             if self.live.pop(sequence_id, None) is not None:

@@ -70,6 +70,26 @@ async def test_shutdown_aborts_after_timeout(start_orchestrator, fake_forward: F
     assert fake_forward.live == {}
 
 
+async def test_shutdown_releases_pending_slots(start_orchestrator, fake_forward: FakeForward):
+    # Every release fails until the step task is gone, so the finished request's slot is
+    # still pending when the scheduler stops, as when a request ends just before a shutdown.
+    fake_forward.failing_releases = 10**6
+    orchestrator = await start_orchestrator()
+    async with connect(orchestrator) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        reply = await stub.Generate(generation_pb2.GenerateRequest(**request_for(token_prompt(10), 3)))
+    await poll_until(lambda: fake_forward.failing_releases < 10**6, "a failed release")
+    for task in orchestrator.runtime.scheduler._tasks:
+        task.cancel()
+    fake_forward.failing_releases = 0
+    assert len(fake_forward.live) == 1
+
+    await orchestrator.shutdown(timeout_s=POLL_LIMIT_S)
+
+    assert len(reply.token_ids) == 3
+    assert fake_forward.live == {}
+
+
 def read_metrics(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         return response.read().decode()

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loftey.orchestrator.validation import ChatPrompt, PromptInput, TextPrompt
 from loftey.rpc import ServiceError, channel_options
+from loftey.security import ClientTlsFiles
 from loftey.v1 import (
     common_pb2,
     forward_pb2,
@@ -47,11 +48,11 @@ class BackendError(ServiceError):
 class Backends:
     """Channels and stubs of the tokenizer and forward services."""
 
-    def __init__(self, tokenizer_address: str, forward_address: str) -> None:
+    def __init__(self, tokenizer_address: str, forward_address: str, tls: ClientTlsFiles | None = None) -> None:
         self.tokenizer_address = tokenizer_address
         self.forward_address = forward_address
-        self._tokenizer_channel = grpc.aio.insecure_channel(tokenizer_address, options=channel_options())
-        self._forward_channel = grpc.aio.insecure_channel(forward_address, options=channel_options())
+        self._tokenizer_channel = _channel(tokenizer_address, tls)
+        self._forward_channel = _channel(forward_address, tls)
         self._tokenizer = tokenizer_pb2_grpc.TokenizerStub(self._tokenizer_channel)
         self._forward = forward_pb2_grpc.ForwardStub(self._forward_channel)
         self._tokenizer_health = health_pb2_grpc.HealthStub(self._tokenizer_channel)
@@ -103,9 +104,9 @@ class Backends:
     async def step(self, request: forward_pb2.StepRequest, timeout_s: float) -> forward_pb2.StepResponse:
         return await self._call("forward", "Step", self._forward.Step(request, timeout=timeout_s))
 
-    async def release(self, sequence_ids: Sequence[int]) -> int:
+    async def release(self, sequence_ids: Sequence[int], timeout_s: float | None = None) -> int:
         reply = await self._call("forward", "Release", self._forward.Release(
-            forward_pb2.ReleaseRequest(sequence_ids=sequence_ids), timeout=CALL_TIMEOUT_S))
+            forward_pb2.ReleaseRequest(sequence_ids=sequence_ids), timeout=timeout_s or CALL_TIMEOUT_S))
         return reply.released
 
     async def forward_stats(self) -> forward_pb2.GetStatsResponse:
@@ -118,6 +119,12 @@ class Backends:
             return await call
         except grpc.aio.AioRpcError as error:
             raise BackendError(service, method, error) from error
+
+
+def _channel(address: str, tls: ClientTlsFiles | None) -> grpc.aio.Channel:
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=channel_options())
+    return grpc.aio.secure_channel(address, tls.credentials(), options=channel_options())
 
 
 async def _is_serving(stub: health_pb2_grpc.HealthStub, address: str) -> bool:

@@ -53,6 +53,8 @@ STREAM_QUEUE_DEPTH = 1
 SEQUENCE_ID_BITS = 62
 # Maximum seconds to wait, after aborting the requests left at shutdown, for the tasks to end them.
 ABORT_GRACE_S = 5.0
+# Seconds the last Release call of a stopping scheduler may take.
+STOP_RELEASE_TIMEOUT_S = 5.0
 # Seconds between health checks while waiting for a restarted forward service.
 FORWARD_RECOVERY_POLL_S = 0.2
 # Recoveries in a row, without a successful step between them, after which the running
@@ -228,9 +230,16 @@ class Scheduler:
         return len(aborted)
 
     async def stop(self) -> None:
+        """Cancel the scheduler's tasks, then release the KV slots no later step will release."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Sequences that ended just before the stop, or whose release failed, are still held by the
+        # forward service, which outlives this orchestrator.
+        self._pending_release.extend(self._running)
+        self._running.clear()
+        if self._pending_release:
+            await self._release_now(STOP_RELEASE_TIMEOUT_S)
 
     # Step task --------------------------------------------------------------------
 
@@ -449,10 +458,10 @@ class Scheduler:
         self._pending_release.extend(self._running)
         self._running.clear()
 
-    async def _release_now(self) -> None:
+    async def _release_now(self, timeout_s: float | None = None) -> None:
         sequence_ids, self._pending_release = self._pending_release, []
         try:
-            await self._backends.release(sequence_ids)
+            await self._backends.release(sequence_ids, timeout_s)
         except BackendError as error:
             # Unknown ids are ignored by Release, so they are safe to send again later.
             logger.warning("releasing %d sequences failed, retrying with the next call: %s",
