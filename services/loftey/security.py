@@ -38,6 +38,30 @@ class TlsFiles:
     client_ca: Path | None = None
 
 
+@dataclass(frozen=True)
+class ClientTlsFiles:
+    """PEM files of a TLS client: the CA it trusts (None: the system's), and its own certificate and key for mutual TLS."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return channel_credentials(self.ca, self.cert, self.key)
+
+
+def server_tls_files(cert: Path | None, key: Path | None, client_ca: Path | None = None) -> TlsFiles | None:
+    """Return the TLS files of a server's options, or None when it serves plaintext (no cert and no key).
+
+    Raises ValueError when only one of cert and key is given, or client_ca without them.
+    """
+    if (cert is None) != (key is None):
+        raise ValueError(f"tls_cert and tls_key must be given together, got tls_cert={cert}, tls_key={key}")
+    if client_ca is not None and cert is None:
+        raise ValueError("tls_client_ca needs tls_cert and tls_key, because mutual TLS is TLS first")
+    return None if cert is None else TlsFiles(cert, key, client_ca)
+
+
 def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
     """Load a server's TLS credentials; raise FileNotFoundError naming a missing file."""
     cert = _read_pem(files.cert, "TLS certificate")

@@ -62,7 +62,7 @@ def recorded_settings(monkeypatch):
 
     recorded = []
 
-    async def record(settings, host, port, port_file):
+    async def record(settings, host, port, port_file, tls=None):
         recorded.append(settings)
 
     monkeypatch.setattr(server, "run_forward_service", record)

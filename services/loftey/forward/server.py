@@ -10,17 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from loftey.entrypoint import (
+    TlsCertOption,
+    TlsClientCaOption,
+    TlsKeyOption,
+    tls_files_option,
+    write_port_file,
+)
+
 if TYPE_CHECKING:
     from loftey.forward.ray_executor import RayActorOptions
+    from loftey.security import TlsFiles
 
 logger = logging.getLogger(__name__)
 
@@ -107,23 +114,24 @@ def build_engine(settings: ForwardSettings, actors: list | None = None):
     return engine
 
 
-def write_port_file(path: Path, port: int) -> None:
-    """Write the port to path atomically, so a reader never sees a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as file:
-        file.write(f"{port}\n")
-    os.replace(file.name, path)
+async def bind_forward_server(
+    settings: ForwardSettings, host: str = "127.0.0.1", port: int = 0, tls: TlsFiles | None = None
+):
+    """Bind and start the server with health NOT_SERVING and no engine yet; return (server, servicer).
 
-
-async def bind_forward_server(settings: ForwardSettings, host: str = "127.0.0.1", port: int = 0):
-    """Bind and start the server with health NOT_SERVING and no engine yet; return (server, servicer)."""
+    With tls, the port serves TLS, and requires client certificates when tls names a client CA.
+    """
     from loftey.forward.service import SERVICE_NAME, ForwardServicer
     from loftey.rpc import start_server
+    from loftey.security import server_credentials
     from loftey.v1 import forward_pb2_grpc
 
     servicer = ForwardServicer(settings.model_dir, settings.dtype)
     running = await start_server(
-        f"{host}:{port}", lambda server: forward_pb2_grpc.add_ForwardServicer_to_server(servicer, server), [SERVICE_NAME]
+        f"{host}:{port}",
+        lambda server: forward_pb2_grpc.add_ForwardServicer_to_server(servicer, server),
+        [SERVICE_NAME],
+        credentials=None if tls is None else server_credentials(tls),
     )
     servicer.server = running
     return running, servicer
@@ -144,12 +152,14 @@ async def load_forward_engine(running, servicer, settings: ForwardSettings) -> N
     await servicer.set_serving(True)
 
 
-async def start_forward_server(settings: ForwardSettings, host: str = "127.0.0.1", port: int = 0):
+async def start_forward_server(
+    settings: ForwardSettings, host: str = "127.0.0.1", port: int = 0, tls: TlsFiles | None = None
+):
     """Bind the server, load the engine and report SERVING; return (server, servicer).
 
     Health is NOT_SERVING from the bind until the warm-up step has run.
     """
-    running, servicer = await bind_forward_server(settings, host, port)
+    running, servicer = await bind_forward_server(settings, host, port, tls)
     await load_forward_engine(running, servicer, settings)
     return running, servicer
 
@@ -161,7 +171,9 @@ async def stop_forward_server(running, servicer, grace_s: float | None = SHUTDOW
         servicer._engine.executor.close()
 
 
-async def run_forward_service(settings: ForwardSettings, host: str, port: int, port_file: Path | None) -> None:
+async def run_forward_service(
+    settings: ForwardSettings, host: str, port: int, port_file: Path | None, tls: TlsFiles | None = None
+) -> None:
     """Serve until SIGTERM or SIGINT, then stop the server, the expert groups and a Ray this process started."""
     started_ray = False
     if settings.executor != "local":
@@ -173,8 +185,8 @@ async def run_forward_service(settings: ForwardSettings, host: str, port: int, p
         # running, and sets its signal handlers from the main thread.
         started_ray = not ray.is_initialized() and not settings.ray_address
         init_ray(settings.ray_address)
-    running, servicer = await start_forward_server(settings, host, port)
-    logger.info("listening on %s:%d", host, running.port)
+    running, servicer = await start_forward_server(settings, host, port, tls)
+    logger.info("listening on %s:%d%s", host, running.port, "" if tls is None else " (TLS)")
     if port_file is not None:
         write_port_file(port_file, running.port)
 
@@ -241,6 +253,9 @@ def serve_forward(
     port_file: Annotated[
         Path | None, typer.Option(help="File to write the bound port to (atomically) once serving.")
     ] = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+    tls_client_ca: TlsClientCaOption = None,
     log_level: Annotated[str, typer.Option(help="Logging level: DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Serve loftey.v1.Forward: dense layers, KV cache and sampling here, experts in expert groups."""
@@ -249,6 +264,8 @@ def serve_forward(
     if executor not in EXECUTOR_CHOICES:
         raise typer.BadParameter(f"must be one of {', '.join(EXECUTOR_CHOICES)}, got {executor!r}", param_hint="--executor")
     from loftey.forward.ray_executor import PLACEMENT_STRATEGIES, RayActorOptions
+
+    tls = tls_files_option(tls_cert, tls_key, tls_client_ca)
 
     if placement_strategy is not None and placement_strategy not in PLACEMENT_STRATEGIES:
         raise typer.BadParameter(
@@ -271,7 +288,7 @@ def serve_forward(
             placement_strategy=placement_strategy,
         ),
     )
-    asyncio.run(run_forward_service(settings, host, port, port_file))
+    asyncio.run(run_forward_service(settings, host, port, port_file, tls))
 
 
 def main() -> None:

@@ -15,7 +15,13 @@ from loftey.orchestrator.scheduler import Scheduler, SchedulerLimits
 from loftey.orchestrator.service import GenerationServicer, Runtime
 from loftey.orchestrator.validation import Limits, TextPrompt
 from loftey.rpc import PUBLIC_MAX_MESSAGE_BYTES, RunningServer, ServiceError, start_server
-from loftey.security import BearerTokenInterceptor, TlsFiles, read_token_file, server_credentials
+from loftey.security import (
+    BearerTokenInterceptor,
+    ClientTlsFiles,
+    read_token_file,
+    server_credentials,
+    server_tls_files,
+)
 from loftey.v1 import generation_pb2, generation_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -67,6 +73,11 @@ class OrchestratorConfig:
     tls_client_ca: Path | None = None
     # File of accepted bearer tokens, one a line; None serves the public API without auth.
     auth_token_file: Path | None = None
+    # TLS of the channels to the tokenizer and forward services: the CA to trust, and the
+    # orchestrator's certificate and key when those services require one. All None: plaintext.
+    backend_tls_ca: Path | None = None
+    backend_tls_cert: Path | None = None
+    backend_tls_key: Path | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_waiting", "max_prefill_tokens", "max_new_tokens_limit"):
@@ -75,10 +86,20 @@ class OrchestratorConfig:
         for name in ("shutdown_timeout_s", "step_timeout_s", "health_interval_s", "stats_interval_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError(f"tls_cert and tls_key go together, got tls_cert={self.tls_cert}, tls_key={self.tls_key}")
-        if self.tls_client_ca is not None and self.tls_cert is None:
-            raise ValueError("tls_client_ca needs tls_cert and tls_key: mutual TLS is TLS first")
+        server_tls_files(self.tls_cert, self.tls_key, self.tls_client_ca)
+        if (self.backend_tls_cert is None) != (self.backend_tls_key is None):
+            raise ValueError(
+                "backend_tls_cert and backend_tls_key must be given together, "
+                f"got backend_tls_cert={self.backend_tls_cert}, backend_tls_key={self.backend_tls_key}"
+            )
+        if self.backend_tls_cert is not None and self.backend_tls_ca is None:
+            raise ValueError("backend_tls_cert needs backend_tls_ca, the CA that signed the backends' certificates")
+
+    def backend_tls(self) -> ClientTlsFiles | None:
+        """Return the TLS files of the channels to the backends, or None for plaintext."""
+        if self.backend_tls_ca is None:
+            return None
+        return ClientTlsFiles(self.backend_tls_ca, self.backend_tls_cert, self.backend_tls_key)
 
 
 class Orchestrator:
@@ -87,7 +108,7 @@ class Orchestrator:
     def __init__(self, config: OrchestratorConfig) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.backends = Backends(config.tokenizer_address, config.forward_address)
+        self.backends = Backends(config.tokenizer_address, config.forward_address, config.backend_tls())
         self._runtime: Runtime | None = None
         self._server: RunningServer | None = None
         self._metrics_server = None
@@ -160,9 +181,9 @@ class Orchestrator:
         logger.info("orchestrator stopped")
 
     def _credentials(self) -> grpc.ServerCredentials | None:
-        if self.config.tls_cert is None:
+        files = server_tls_files(self.config.tls_cert, self.config.tls_key, self.config.tls_client_ca)
+        if files is None:
             return None
-        files = TlsFiles(self.config.tls_cert, self.config.tls_key, self.config.tls_client_ca)
         logger.info("public port uses TLS%s", "" if files.client_ca is None else " with client certificates")
         return server_credentials(files)
 

@@ -4,27 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from loftey.entrypoint import write_port_file
 from loftey.orchestrator.app import Orchestrator, OrchestratorConfig
 
 logger = logging.getLogger(__name__)
 
 _DEFAULTS = OrchestratorConfig(tokenizer_address="", forward_address="")
-
-
-def write_port_file(path: Path, port: int) -> None:
-    """Write the port to path atomically, so a reader never sees a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as file:
-        file.write(f"{port}\n")
-    os.replace(file.name, path)
 
 
 async def run_orchestrator(config: OrchestratorConfig, port_file: Path | None = None) -> None:
@@ -106,29 +97,44 @@ def serve_orchestrator(
         Path | None,
         typer.Option(help="File of accepted bearer tokens, one a line; calls without one are rejected."),
     ] = None,
+    backend_tls_ca: Annotated[
+        Path | None,
+        typer.Option(help="PEM CA that signed the tokenizer and forward services' certificates; when set, "
+                     "the orchestrator reaches them over TLS."),
+    ] = None,
+    backend_tls_cert: Annotated[
+        Path | None, typer.Option(help="PEM client certificate the orchestrator presents to those services (mutual TLS).")
+    ] = None,
+    backend_tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --backend-tls-cert.")] = None,
     log_level: Annotated[str, typer.Option(help="Logging level: DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Serve loftey.v1.Generation: continuous batching over the tokenizer and forward services."""
     # Does nothing when the `loftey` command already configured logging.
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = OrchestratorConfig(
-        tokenizer_address=tokenizer,
-        forward_address=forward,
-        host=host,
-        port=port,
-        metrics_port=metrics_port,
-        max_batch_size=max_batch_size,
-        max_waiting=max_waiting,
-        max_prefill_tokens=max_prefill_tokens,
-        max_new_tokens_limit=max_new_tokens_limit,
-        shutdown_timeout_s=shutdown_timeout,
-        step_timeout_s=step_timeout,
-        forward_recovery_timeout_s=forward_recovery_timeout,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-        tls_client_ca=tls_client_ca,
-        auth_token_file=auth_token_file,
-    )
+    try:
+        config = OrchestratorConfig(
+                tokenizer_address=tokenizer,
+            forward_address=forward,
+            host=host,
+            port=port,
+            metrics_port=metrics_port,
+            max_batch_size=max_batch_size,
+            max_waiting=max_waiting,
+            max_prefill_tokens=max_prefill_tokens,
+            max_new_tokens_limit=max_new_tokens_limit,
+            shutdown_timeout_s=shutdown_timeout,
+            step_timeout_s=step_timeout,
+            forward_recovery_timeout_s=forward_recovery_timeout,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
+            auth_token_file=auth_token_file,
+            backend_tls_ca=backend_tls_ca,
+            backend_tls_cert=backend_tls_cert,
+            backend_tls_key=backend_tls_key,
+        )
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
     asyncio.run(run_orchestrator(config, port_file))
 
 

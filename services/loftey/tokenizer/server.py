@@ -8,17 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from loftey.entrypoint import (
+    TlsCertOption,
+    TlsClientCaOption,
+    TlsKeyOption,
+    tls_files_option,
+    write_port_file,
+)
 from loftey.tokenizer.limits import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TEXT_CHARS, DEFAULT_THREAD_MIN_CHARS
 
 if TYPE_CHECKING:
+    from loftey.security import TlsFiles
     from loftey.tokenizer.core import TokenizerCore
 
 logger = logging.getLogger(__name__)
@@ -27,22 +33,19 @@ logger = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 5.0
 
 
-def write_port_file(path: Path, port: int) -> None:
-    """Write the port to path atomically, so a reader never sees a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as file:
-        file.write(f"{port}\n")
-    os.replace(file.name, path)
-
-
 async def run_tokenizer_service(
-    core: TokenizerCore, host: str, port: int, port_file: Path | None, thread_min_chars: int = DEFAULT_THREAD_MIN_CHARS
+    core: TokenizerCore,
+    host: str,
+    port: int,
+    port_file: Path | None,
+    thread_min_chars: int = DEFAULT_THREAD_MIN_CHARS,
+    tls: TlsFiles | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop with a short grace period."""
     from loftey.tokenizer.service import start_tokenizer_server
 
-    running = await start_tokenizer_server(core, host, port, thread_min_chars)
-    logger.info("listening on %s:%d", host, running.port)
+    running = await start_tokenizer_server(core, host, port, thread_min_chars, tls)
+    logger.info("listening on %s:%d%s", host, running.port, "" if tls is None else " (TLS)")
     if port_file is not None:
         write_port_file(port_file, running.port)
 
@@ -98,6 +101,9 @@ def serve_tokenizer(
             min=0, help="Encode calls with at least this many characters run in a worker thread; 0 runs all there."
         ),
     ] = DEFAULT_THREAD_MIN_CHARS,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+    tls_client_ca: TlsClientCaOption = None,
     log_level: Annotated[str, typer.Option(help="Logging level: DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Serve loftey.v1.Tokenizer (encode, decode, streaming detokenization) over gRPC."""
@@ -108,8 +114,9 @@ def serve_tokenizer(
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(log_level.upper())
     folder = resolve_tokenizer_dir(model, tokenizer)
+    tls = tls_files_option(tls_cert, tls_key, tls_client_ca)
     core = TokenizerCore.from_dir(folder, max_text_chars=max_text_chars, max_batch_size=max_batch_size)
-    asyncio.run(run_tokenizer_service(core, host, port, port_file, thread_min_chars))
+    asyncio.run(run_tokenizer_service(core, host, port, port_file, thread_min_chars, tls))
 
 
 def main() -> None:

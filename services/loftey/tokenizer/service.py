@@ -15,7 +15,9 @@ from collections.abc import Callable
 
 import grpc
 
+from loftey.entrypoint import format_address
 from loftey.rpc import RunningServer, ServiceError, handle_errors, start_server
+from loftey.security import TlsFiles, server_credentials
 from loftey.tokenizer.chat import ChatMessage
 from loftey.tokenizer.core import EncodeInput, InvalidInputError, TokenizerCore
 from loftey.tokenizer.limits import DEFAULT_THREAD_MIN_CHARS
@@ -119,21 +121,22 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         )
 
 
-def format_address(host: str, port: int) -> str:
-    """Return "host:port", with an IPv6 host in brackets."""
-    if ":" in host and not host.startswith("["):
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
-
-
 async def start_tokenizer_server(
-    core: TokenizerCore, host: str = "127.0.0.1", port: int = 0, thread_min_chars: int = DEFAULT_THREAD_MIN_CHARS
+    core: TokenizerCore,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    thread_min_chars: int = DEFAULT_THREAD_MIN_CHARS,
+    tls: TlsFiles | None = None,
 ) -> RunningServer:
-    """Start the tokenizer service on host:port (0 picks a free port) and mark it SERVING."""
+    """Start the tokenizer service on host:port (0 picks a free port) and mark it SERVING.
+
+    With tls, the port serves TLS, and requires client certificates when tls names a client CA.
+    """
 
     def register(server: grpc.aio.Server) -> None:
         tokenizer_pb2_grpc.add_TokenizerServicer_to_server(TokenizerServicer(core, thread_min_chars), server)
 
-    running = await start_server(format_address(host, port), register, [SERVICE_NAME])
+    credentials = None if tls is None else server_credentials(tls)
+    running = await start_server(format_address(host, port), register, [SERVICE_NAME], credentials=credentials)
     await running.set_serving([SERVICE_NAME], serving=True)
     return running
