@@ -14,6 +14,8 @@ from typing import Annotated
 
 import typer
 
+from loftey.client.cli import TlsCaOption, TlsCertOption, TlsKeyOption, TlsOption, TokenFileOption
+
 app = typer.Typer(
     name="loftey",
     help="Serve, run and measure the Loftey Mixture-of-Experts language model.",
@@ -52,12 +54,18 @@ def generate(
         str | None,
         typer.Option("--server", help="host:port of a running Loftey server to call instead of running --model."),
     ] = None,
+    token_file: TokenFileOption = None,
+    tls: TlsOption = False,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
 ) -> None:
     """Generate text from a prompt, streaming it to the terminal."""
     if server is not None:
-        from loftey.client.cli import generate_remote
+        from loftey.client.cli import Connection, generate_remote
 
-        generate_remote(server, prompt, chat, max_new_tokens=max_new_tokens, temperature=temperature,
+        connection = Connection(server, token_file, tls, tls_ca, tls_cert, tls_key)
+        generate_remote(connection, prompt, chat, max_new_tokens=max_new_tokens, temperature=temperature,
                         top_k=top_k, top_p=top_p, seed=seed)
         return
     from loftey.model.inference import SamplingOptions, chat_prompt
@@ -135,15 +143,50 @@ def serve_all(
     dtype: DtypeOption = "float32",
     max_batch_size: Annotated[int, typer.Option("--max-batch-size", min=1, help="Sequences decoded together.")] = 32,
     log_dir: LogDirOption = None,
+    internal_host: Annotated[
+        str, typer.Option("--internal-host", help="Address the tokenizer and forward services bind.")
+    ] = "127.0.0.1",
+    internal_tls: Annotated[
+        bool | None,
+        typer.Option(
+            "--internal-tls/--no-internal-tls",
+            help="Mutual TLS between the services, with a private CA made for this run. "
+            "Default: on when --internal-host is not a loopback address.",
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option("--tls-cert", help="PEM certificate chain of the public port; with --tls-key, serves TLS.")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="PEM private key of --tls-cert.")] = None,
+    tls_client_ca: Annotated[
+        Path | None,
+        typer.Option("--tls-client-ca", help="PEM CA that must sign every client's certificate (mutual TLS)."),
+    ] = None,
+    auth_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--auth-token-file", help="File of accepted bearer tokens, one a line; calls without one are rejected."
+        ),
+    ] = None,
 ) -> None:
     """Start the tokenizer, forward and orchestrator services and stop them all on Ctrl-C."""
     if ctx.invoked_subcommand is not None:
         return
     from loftey.launcher import serve
+    from loftey.security import read_token_file, server_tls_files
 
+    # Checked here, so that a bad option fails before any service starts.
+    try:
+        server_tls_files(tls_cert, tls_key, tls_client_ca)
+        if auth_token_file is not None:
+            read_token_file(auth_token_file)
+    except (ValueError, FileNotFoundError) as error:
+        raise typer.BadParameter(str(error)) from error
     config = _stack_config(
         model, expert_groups, executor, dtype, log_dir,
         host=host, port=port, metrics_port=metrics_port, max_batch_size=max_batch_size,
+        internal_host=internal_host, internal_tls=internal_tls,
+        tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca, auth_token_file=auth_token_file,
     )
     raise typer.Exit(code=serve(config))
 

@@ -3,15 +3,22 @@
 ``loftey serve`` starts each service as its own process; the forward service
 starts a local Ray and its expert-group actors. It waits until every service
 reports SERVING and prints the public address. Each service logs to its own
-file, and Ctrl-C or SIGTERM stops them all. ``loftey demo`` does the same, sends
-one streamed chat request, and stops.
+file, and Ctrl-C or SIGTERM stops them all. ``loftey demo`` does the same,
+sends one streamed chat request, and stops.
+
+Only the orchestrator binds the public host. The tokenizer and forward services
+bind the internal host (loopback by default). When that host is not loopback,
+or when asked, the launcher writes a private CA for this run, and the internal
+services then serve TLS and accept only the orchestrator's client certificate.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +27,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from loftey.entrypoint import format_address
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +56,30 @@ class StackConfig:
     dtype: str = "float32"
     max_batch_size: int = 32
     log_dir: Path | None = None
+    # Address the tokenizer and forward services bind.
+    internal_host: str = "127.0.0.1"
+    # Mutual TLS between the services; None turns it on exactly when internal_host is not loopback.
+    internal_tls: bool | None = None
+    # TLS and bearer tokens of the public port, as the orchestrator's options of the same names.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_token_file: Path | None = None
     extra_forward_args: list[str] = field(default_factory=list)
     extra_orchestrator_args: list[str] = field(default_factory=list)
+
+    def uses_internal_tls(self) -> bool:
+        return self.internal_tls if self.internal_tls is not None else not is_loopback(self.internal_host)
+
+    def public_security_args(self) -> list[str]:
+        """Return the orchestrator options of the public port's TLS and tokens that are set."""
+        options = {
+            "--tls-cert": self.tls_cert,
+            "--tls-key": self.tls_key,
+            "--tls-client-ca": self.tls_client_ca,
+            "--auth-token-file": self.auth_token_file,
+        }
+        return [item for option, value in options.items() if value is not None for item in (option, str(value))]
 
 
 @dataclass
@@ -95,6 +126,40 @@ def with_default_tokenizer(model_dir: Path) -> Path:
             if source.is_file():
                 shutil.copy2(source, model_dir / source.name)
     return model_dir
+
+
+def is_loopback(host: str) -> bool:
+    """Return whether host is a loopback address or localhost."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def connect_host(host: str) -> str:
+    """Return the address to reach a service bound to host from this machine: loopback for a wildcard bind."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
+def _internal_tls_args(config: StackConfig, run_dir: Path) -> tuple[list[str], list[str]]:
+    """Write this run's private CA; return the options of the internal services and of the orchestrator."""
+    if not config.uses_internal_tls():
+        return [], []
+    from loftey.pki import write_private_pki
+
+    pki = write_private_pki(run_dir / "pki", hosts=[config.internal_host, socket.gethostname()])
+    logger.info("internal channels use mutual TLS with a private CA for this run (%s)", pki.ca_cert)
+    server_args = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+                   "--tls-client-ca", str(pki.ca_cert)]
+    client_args = ["--backend-tls-ca", str(pki.ca_cert), "--backend-tls-cert", str(pki.client_cert),
+                   "--backend-tls-key", str(pki.client_key)]
+    return server_args, client_args
 
 
 def _wait_for_port(service: str, process: subprocess.Popen, port_file: Path, log_path: Path) -> int:
@@ -175,15 +240,14 @@ def run_stack(config: StackConfig) -> Iterator[list[ServiceProcess]]:
     services: list[ServiceProcess] = []
     with tempfile.TemporaryDirectory(prefix="loftey-run-") as run_dir:
         try:
-            host = ["--host", config.host]
-            tokenizer = _start_service(
-                "tokenizer", ["--model", str(model_dir), *host, "--port", "0"], log_dir, Path(run_dir)
-            )
+            internal_server_tls, backend_tls = _internal_tls_args(config, Path(run_dir))
+            internal = ["--host", config.internal_host, "--port", "0", *internal_server_tls]
+            tokenizer = _start_service("tokenizer", ["--model", str(model_dir), *internal], log_dir, Path(run_dir))
             services.append(tokenizer)
             forward = _start_service(
                 "forward",
                 [
-                    "--model", str(model_dir), *host, "--port", "0",
+                    "--model", str(model_dir), *internal,
                     "--expert-groups", str(config.expert_groups),
                     "--executor", config.executor,
                     "--dtype", config.dtype,
@@ -193,14 +257,17 @@ def run_stack(config: StackConfig) -> Iterator[list[ServiceProcess]]:
                 Path(run_dir),
             )
             services.append(forward)
+            backend_host = connect_host(config.internal_host)
             orchestrator = _start_service(
                 "orchestrator",
                 [
-                    "--tokenizer", f"{config.host}:{tokenizer.port}",
-                    "--forward", f"{config.host}:{forward.port}",
-                    *host, "--port", str(config.port),
+                    "--tokenizer", format_address(backend_host, tokenizer.port),
+                    "--forward", format_address(backend_host, forward.port),
+                    *backend_tls,
+                    "--host", config.host, "--port", str(config.port),
                     "--metrics-port", str(config.metrics_port),
                     "--max-batch-size", str(config.max_batch_size),
+                    *config.public_security_args(),
                     *config.extra_orchestrator_args,
                 ],
                 log_dir,
@@ -224,7 +291,9 @@ def serve(config: StackConfig) -> int:
     signal.signal(signal.SIGINT, request_stop)
     with run_stack(config) as services:
         public = services[-1]
-        print(f"Loftey is serving loftey.v1.Generation on {config.host}:{public.port}", flush=True)
+        scheme = "TLS" if config.tls_cert is not None else "plaintext"
+        print(f"Loftey is serving loftey.v1.Generation on {format_address(config.host, public.port)} ({scheme})",
+              flush=True)
         print(f"logs: {public.log_path.parent}", flush=True)
         while not stop_requested:
             for service in services:
@@ -241,7 +310,7 @@ def demo(config: StackConfig, message: str) -> int:
     from loftey.client import LofteyClient
 
     with run_stack(config) as services:
-        address = f"{config.host}:{services[-1].port}"
+        address = format_address(connect_host(config.host), services[-1].port)
         print(f"Loftey is serving on {address}")
         print(f"user> {message}")
         print("loftey> ", end="", flush=True)

@@ -10,8 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import psutil
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loftey.client import LofteyClient
 
@@ -64,3 +66,66 @@ def test_serve_chat_and_clean_stop(tmp_path: Path) -> None:
     assert [child.pid for child in alive] == []
     for name in ("tokenizer", "forward", "orchestrator"):
         assert (tmp_path / "logs" / f"{name}.log").stat().st_size > 0
+
+
+INTERNAL_PORT_LINE = re.compile(r"listening on 127\.0\.0\.1:(\d+) \(TLS\)")
+TOKEN = "serve-test-token-0123456789"
+
+
+def _internal_port(log_path: Path) -> int:
+    match = INTERNAL_PORT_LINE.search(log_path.read_text())
+    assert match is not None, f"no TLS listening line in {log_path}"
+    return int(match.group(1))
+
+
+def test_serve_public_and_internal_tls(tmp_path: Path) -> None:
+    from loftey.pki import write_private_pki
+
+    public = write_private_pki(tmp_path / "public")
+    token_file = tmp_path / "tokens"
+    token_file.write_text(f"{TOKEN}\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("LOFTEY_API_TOKEN", None)
+    logs = tmp_path / "logs"
+    command = [
+        sys.executable, "-m", "loftey.cli", "serve", "--port", "0", "--log-dir", str(logs),
+        "--executor", "local", "--expert-groups", "1", "--internal-tls",
+        "--tls-cert", str(public.server_cert), "--tls-key", str(public.server_key),
+        "--auth-token-file", str(token_file),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        port = _read_address(process).rsplit(":", 1)[1]
+        server = f"localhost:{port}"
+        chat = [sys.executable, "-m", "loftey.cli", "chat", "Hello", "--server", server, "--temperature", "0",
+                "--max-new-tokens", "8", "--tls-ca", str(public.ca_cert)]
+
+        with_token = subprocess.run([*chat, "--token-file", str(token_file)], capture_output=True, text=True,
+                                    env=env, timeout=STOP_TIMEOUT_S)
+        without_token = subprocess.run(chat, capture_output=True, text=True, env=env, timeout=STOP_TIMEOUT_S)
+        from_env = subprocess.run(chat, capture_output=True, text=True, env={**env, "LOFTEY_API_TOKEN": TOKEN},
+                                  timeout=STOP_TIMEOUT_S)
+
+        # The internal services took the run's private CA and accept no plaintext call.
+        tokenizer_port = _internal_port(logs / "tokenizer.log")
+        forward_port = _internal_port(logs / "forward.log")
+        plaintext_errors = []
+        for internal_port in (tokenizer_port, forward_port):
+            with pytest.raises(grpc.RpcError) as failure, grpc.insecure_channel(f"127.0.0.1:{internal_port}") as channel:
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            plaintext_errors.append(failure.value.code())
+
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=STOP_TIMEOUT_S) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert with_token.returncode == 0, with_token.stderr
+    assert with_token.stdout.strip() != ""
+    assert without_token.returncode == 1
+    assert "UNAUTHENTICATED" in without_token.stderr
+    assert from_env.returncode == 0, from_env.stderr
+    assert from_env.stdout == with_token.stdout
+    assert plaintext_errors == [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE]

@@ -5,13 +5,68 @@ Only typer and the standard library are imported at the top, so `loftey --help` 
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable
-from typing import Annotated, Any, TextIO
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
 
+if TYPE_CHECKING:
+    from loftey.client import LofteyClient
+
 DEFAULT_SERVER = "127.0.0.1:50051"
+# Environment variable read for the bearer token when no --token-file is given.
+TOKEN_ENV = "LOFTEY_API_TOKEN"
+
+TokenFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--token-file",
+        help=f"File with the bearer token to send (its first token line). Default: the {TOKEN_ENV} environment variable.",
+    ),
+]
+TlsOption = Annotated[bool, typer.Option("--tls", help="Connect over TLS, trusting the system's CAs.")]
+TlsCaOption = Annotated[
+    Path | None, typer.Option("--tls-ca", help="PEM CA that signed the server's certificate; implies --tls.")
+]
+TlsCertOption = Annotated[
+    Path | None, typer.Option("--tls-cert", help="PEM client certificate, for a server that requires one.")
+]
+TlsKeyOption = Annotated[Path | None, typer.Option("--tls-key", help="PEM private key of --tls-cert.")]
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Address, TLS files and bearer-token source of the server a command calls."""
+
+    server: str
+    token_file: Path | None = None
+    tls: bool = False
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    def open(self) -> LofteyClient:
+        """Open a client; raise typer.BadParameter for an unreadable token or TLS file."""
+        from loftey.client import LofteyClient
+
+        try:
+            return LofteyClient(
+                self.server, token=self.token(), tls=self.tls, tls_ca=self.tls_ca,
+                tls_cert=self.tls_cert, tls_key=self.tls_key,
+            )
+        except (ValueError, FileNotFoundError) as error:
+            raise typer.BadParameter(str(error)) from error
+
+    def token(self) -> str | None:
+        if self.token_file is None:
+            return os.environ.get(TOKEN_ENV) or None
+        from loftey.security import read_token_file
+
+        return read_token_file(self.token_file)[0]
 EXIT_COMMANDS = ("/exit", "/quit")
 RESET_COMMAND = "/reset"
 
@@ -28,14 +83,14 @@ def stream_to_terminal(chunks: Iterable[Any], out: TextIO) -> Any:
     return last
 
 
-def generate_remote(server: str, prompt: str, chat: bool, **options: Any) -> None:
+def generate_remote(connection: Connection, prompt: str, chat: bool, **options: Any) -> None:
     """Stream a completion of prompt (a user message when chat is set) from a running server.
 
     Exits with code 1 and the server's status on stderr when the call fails.
     """
-    from loftey.client import LofteyClient, LofteyError
+    from loftey.client import LofteyError
 
-    with LofteyClient(server) as client:
+    with connection.open() as client:
         try:
             if chat:
                 chunks = client.stream(messages=[{"role": "user", "content": prompt}], **options)
@@ -58,16 +113,22 @@ def chat_command(
     top_k: Annotated[int, typer.Option(min=0, help="Sample from the k most likely tokens; 0 disables.")] = 50,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass; 1 disables.")] = 0.95,
     seed: Annotated[int | None, typer.Option(min=0, help="Seed for sampling; unset gives a different reply each run.")] = None,
+    token_file: TokenFileOption = None,
+    tls: TlsOption = False,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
 ) -> None:
     """Chat with a running server: one reply to MESSAGE, or an interactive session without it."""
-    from loftey.client import LofteyClient, LofteyError
+    from loftey.client import LofteyError
 
     options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
                "seed": seed}
     history: list[dict[str, str]] = [] if system is None else [{"role": "system", "content": system}]
     opening = list(history)
 
-    with LofteyClient(server) as client:
+    connection = Connection(server, token_file, tls, tls_ca, tls_cert, tls_key)
+    with connection.open() as client:
         if message is not None:
             try:
                 stream_to_terminal(client.stream(messages=[*history, {"role": "user", "content": message}],
