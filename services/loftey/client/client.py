@@ -40,6 +40,15 @@ from loftey.v1 import generation_pb2, generation_pb2_grpc
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 
+def _open_channel(channels, address: str, tls: bool, tls_ca: Path | None, tls_cert: Path | None,
+                  tls_key: Path | None):
+    """Open a channel from channels (grpc or grpc.aio) to address, over TLS when any TLS option is set."""
+    options = channel_options(PUBLIC_MAX_MESSAGE_BYTES)
+    if tls or tls_ca is not None or tls_cert is not None or tls_key is not None:
+        return channels.secure_channel(address, channel_credentials(tls_ca, tls_cert, tls_key), options=options)
+    return channels.insecure_channel(address, options=options)
+
+
 class LofteyClient:
     """Blocking client. Use as a context manager, or call close()."""
 
@@ -55,12 +64,7 @@ class LofteyClient:
     ) -> None:
         self.address = address
         self._metadata = bearer_metadata(token)
-        options = channel_options(PUBLIC_MAX_MESSAGE_BYTES)
-        if tls or tls_ca is not None or tls_cert is not None:
-            credentials = channel_credentials(tls_ca, tls_cert, tls_key)
-            self._channel = grpc.secure_channel(address, credentials, options=options)
-        else:
-            self._channel = grpc.insecure_channel(address, options=options)
+        self._channel = _open_channel(grpc, address, tls, tls_ca, tls_cert, tls_key)
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
 
     def __enter__(self) -> LofteyClient:
@@ -157,12 +161,7 @@ class AsyncLofteyClient:
     ) -> None:
         self.address = address
         self._metadata = bearer_metadata(token)
-        options = channel_options(PUBLIC_MAX_MESSAGE_BYTES)
-        if tls or tls_ca is not None or tls_cert is not None:
-            credentials = channel_credentials(tls_ca, tls_cert, tls_key)
-            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
-        else:
-            self._channel = grpc.aio.insecure_channel(address, options=options)
+        self._channel = _open_channel(grpc.aio, address, tls, tls_ca, tls_cert, tls_key)
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
 
     async def __aenter__(self) -> AsyncLofteyClient:
