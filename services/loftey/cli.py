@@ -133,11 +133,20 @@ def _stack_config(model: str, expert_groups: int, executor: str, dtype: str, log
 def serve_all(
     ctx: typer.Context,
     model: ModelOption = "tiny",
-    host: Annotated[str, typer.Option("--host", help="Address every service binds.")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option("--host", help="Address the public orchestrator binds (0.0.0.0 for every interface).")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, help="Public Generation port; 0 picks a free one.")] = 50051,
     metrics_port: Annotated[
         int, typer.Option("--metrics-port", min=0, help="Prometheus metrics port; 0 picks a free one.")
     ] = 0,
+    metrics_host: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics-host",
+            help="Address of the Prometheus /metrics endpoint, which has no TLS or token. Default: --internal-host.",
+        ),
+    ] = None,
     expert_groups: ExpertGroupsOption = 2,
     executor: ExecutorOption = "ray",
     dtype: DtypeOption = "float32",
@@ -172,22 +181,24 @@ def serve_all(
     """Start the tokenizer, forward and orchestrator services and stop them all on Ctrl-C."""
     if ctx.invoked_subcommand is not None:
         return
-    from loftey.launcher import serve
-    from loftey.security import read_token_file, server_tls_files
+    from loftey.entrypoint import tls_files_option
+    from loftey.launcher import serve, warn_about_exposure
+    from loftey.security import read_token_file
 
     # Checked here, so that a bad option fails before any service starts.
-    try:
-        server_tls_files(tls_cert, tls_key, tls_client_ca)
-        if auth_token_file is not None:
+    tls_files_option(tls_cert, tls_key, tls_client_ca)
+    if auth_token_file is not None:
+        try:
             read_token_file(auth_token_file)
-    except (ValueError, FileNotFoundError) as error:
-        raise typer.BadParameter(str(error)) from error
+        except (ValueError, OSError) as error:
+            raise typer.BadParameter(str(error), param_hint="--auth-token-file") from error
     config = _stack_config(
         model, expert_groups, executor, dtype, log_dir,
-        host=host, port=port, metrics_port=metrics_port, max_batch_size=max_batch_size,
+        host=host, port=port, metrics_port=metrics_port, metrics_host=metrics_host, max_batch_size=max_batch_size,
         internal_host=internal_host, internal_tls=internal_tls,
         tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca, auth_token_file=auth_token_file,
     )
+    warn_about_exposure(config)
     raise typer.Exit(code=serve(config))
 
 

@@ -40,10 +40,17 @@ def write_port_file(path: Path, port: int) -> None:
 
 
 def tls_files_option(cert: Path | None, key: Path | None, client_ca: Path | None):
-    """Return the TLS files of the --tls-* options, or None for plaintext; raise typer.BadParameter for a bad mix."""
-    from loftey.security import server_tls_files
+    """Return the TLS files of the --tls-* options, or None for plaintext.
+
+    Raises typer.BadParameter for a bad mix, a missing or unreadable file, or a
+    key that does not belong to the certificate.
+    """
+    from loftey.security import server_credentials, server_tls_files
 
     try:
-        return server_tls_files(cert, key, client_ca)
-    except ValueError as error:
+        files = server_tls_files(cert, key, client_ca)
+        if files is not None:
+            server_credentials(files)
+    except (ValueError, OSError) as error:
         raise typer.BadParameter(str(error), param_hint="--tls-cert/--tls-key/--tls-client-ca") from error
+    return files

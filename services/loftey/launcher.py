@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -40,6 +41,8 @@ STOP_TIMEOUT_S = 20.0
 PORT_FILE_POLL_S = 0.1
 
 DEFAULT_PUBLIC_PORT = 50051
+# Folder of the run directory that contains the private CA's files during start-up.
+PKI_FOLDER = "pki"
 
 
 @dataclass
@@ -51,6 +54,8 @@ class StackConfig:
     # Public Generation port; 0 picks a free one.
     port: int = DEFAULT_PUBLIC_PORT
     metrics_port: int = 0
+    # Address of the /metrics endpoint (no TLS, no token); None uses internal_host.
+    metrics_host: str | None = None
     expert_groups: int = 2
     executor: str = "ray"
     dtype: str = "float32"
@@ -67,6 +72,9 @@ class StackConfig:
     auth_token_file: Path | None = None
     extra_forward_args: list[str] = field(default_factory=list)
     extra_orchestrator_args: list[str] = field(default_factory=list)
+
+    def metrics_bind_host(self) -> str:
+        return self.metrics_host if self.metrics_host is not None else self.internal_host
 
     def uses_internal_tls(self) -> bool:
         return self.internal_tls if self.internal_tls is not None else not is_loopback(self.internal_host)
@@ -90,6 +98,8 @@ class ServiceProcess:
     process: subprocess.Popen
     log_path: Path
     port: int
+    # Port of the Prometheus /metrics endpoint (the orchestrator only); None when it has none.
+    metrics_port: int | None = None
 
 
 def resolve_model_dir(model: str) -> Path:
@@ -130,6 +140,7 @@ def with_default_tokenizer(model_dir: Path) -> Path:
 
 def is_loopback(host: str) -> bool:
     """Return whether host is a loopback address or localhost."""
+    host = host.strip("[]")
     if host == "localhost":
         return True
     try:
@@ -142,9 +153,36 @@ def connect_host(host: str) -> str:
     """Return the address to reach a service bound to host from this machine: loopback for a wildcard bind."""
     if host in ("0.0.0.0", ""):
         return "127.0.0.1"
-    if host == "::":
+    if host in ("::", "[::]"):
         return "::1"
     return host
+
+
+def free_port(host: str) -> int:
+    """Return a TCP port that is free on host now (another process may still take it before it is bound)."""
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def warn_about_exposure(config: StackConfig) -> None:
+    """Log a warning for each setting that leaves a service or a secret open to the network."""
+    if not is_loopback(config.internal_host) and not config.uses_internal_tls():
+        logger.warning(
+            "--internal-host %s with --no-internal-tls: anyone who reaches that address can call the tokenizer "
+            "and forward services without credentials; drop --no-internal-tls", config.internal_host,
+        )
+    if not is_loopback(config.host) and config.auth_token_file is not None and config.tls_cert is None:
+        logger.warning(
+            "--host %s with --auth-token-file but no TLS: bearer tokens cross the network in plaintext; "
+            "add --tls-cert and --tls-key", config.host,
+        )
+    if not is_loopback(config.metrics_bind_host()):
+        logger.warning(
+            "/metrics on %s has no TLS or token: anyone who reaches it reads the server's load", config.metrics_bind_host(),
+        )
 
 
 def _internal_tls_args(config: StackConfig, run_dir: Path) -> tuple[list[str], list[str]]:
@@ -153,7 +191,7 @@ def _internal_tls_args(config: StackConfig, run_dir: Path) -> tuple[list[str], l
         return [], []
     from loftey.pki import write_private_pki
 
-    pki = write_private_pki(run_dir / "pki", hosts=[config.internal_host, socket.gethostname()])
+    pki = write_private_pki(run_dir / PKI_FOLDER, hosts=[config.internal_host, socket.gethostname()])
     logger.info("internal channels use mutual TLS with a private CA for this run (%s)", pki.ca_cert)
     server_args = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
                    "--tls-client-ca", str(pki.ca_cert)]
@@ -258,6 +296,8 @@ def run_stack(config: StackConfig) -> Iterator[list[ServiceProcess]]:
             )
             services.append(forward)
             backend_host = connect_host(config.internal_host)
+            # A port picked here rather than by the orchestrator, so that it can be printed.
+            metrics_port = free_port(config.metrics_bind_host()) if config.metrics_port == 0 else config.metrics_port
             orchestrator = _start_service(
                 "orchestrator",
                 [
@@ -265,7 +305,8 @@ def run_stack(config: StackConfig) -> Iterator[list[ServiceProcess]]:
                     "--forward", format_address(backend_host, forward.port),
                     *backend_tls,
                     "--host", config.host, "--port", str(config.port),
-                    "--metrics-port", str(config.metrics_port),
+                    "--metrics-port", str(metrics_port),
+                    "--metrics-host", config.metrics_bind_host(),
                     "--max-batch-size", str(config.max_batch_size),
                     *config.public_security_args(),
                     *config.extra_orchestrator_args,
@@ -273,7 +314,10 @@ def run_stack(config: StackConfig) -> Iterator[list[ServiceProcess]]:
                 log_dir,
                 Path(run_dir),
             )
+            orchestrator.metrics_port = metrics_port if metrics_port >= 0 else None
             services.append(orchestrator)
+            # Every service has loaded its certificate and key, so the private keys leave the disk.
+            shutil.rmtree(Path(run_dir) / PKI_FOLDER, ignore_errors=True)
             yield services
         finally:
             _stop(services)
@@ -282,26 +326,44 @@ def run_stack(config: StackConfig) -> Iterator[list[ServiceProcess]]:
 def serve(config: StackConfig) -> int:
     """Run the stack until Ctrl-C or SIGTERM; return the process exit code."""
     stop_requested = False
+    serving = False
 
     def request_stop(signum, frame):  # noqa: ARG001 - signal handler signature
         nonlocal stop_requested
+        first = not stop_requested
         stop_requested = True
+        if first and not serving:
+            # Ends the start-up wait at once; run_stack then stops the services already started.
+            raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    with run_stack(config) as services:
-        public = services[-1]
-        scheme = "TLS" if config.tls_cert is not None else "plaintext"
-        print(f"Loftey is serving loftey.v1.Generation on {format_address(config.host, public.port)} ({scheme})",
-              flush=True)
-        print(f"logs: {public.log_path.parent}", flush=True)
-        while not stop_requested:
-            for service in services:
-                if service.process.poll() is not None:
-                    logger.error("%s exited with code %d; stopping", service.name, service.process.returncode)
-                    return 1
-            time.sleep(0.5)
-        print("stopping…", flush=True)
+    try:
+        with run_stack(config) as services:
+            serving = True
+            return _serve_until_stopped(config, services, lambda: stop_requested)
+    except KeyboardInterrupt:
+        print("stopped before every service was serving", flush=True)
+        return 0
+
+
+def _serve_until_stopped(config: StackConfig, services: list[ServiceProcess], stop_requested) -> int:
+    """Print the addresses, then watch the services until stop_requested() or one exits; return the exit code."""
+    public = services[-1]
+    scheme = "TLS" if config.tls_cert is not None else "plaintext"
+    print(f"Loftey is serving loftey.v1.Generation on {format_address(config.host, public.port)} ({scheme})",
+          flush=True)
+    if public.metrics_port is not None:
+        metrics_address = format_address(connect_host(config.metrics_bind_host()), public.metrics_port)
+        print(f"metrics: http://{metrics_address}/metrics", flush=True)
+    print(f"logs: {public.log_path.parent}", flush=True)
+    while not stop_requested():
+        for service in services:
+            if service.process.poll() is not None:
+                logger.error("%s exited with code %d; stopping", service.name, service.process.returncode)
+                return 1
+        time.sleep(0.5)
+    print("stopping…", flush=True)
     return 0
 
 

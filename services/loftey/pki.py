@@ -20,8 +20,9 @@ from pathlib import Path
 
 from loftey.security import ClientTlsFiles, TlsFiles
 
-# The certificates are made for one run of the stack, and start a little in the past to allow for clock skew.
-DEFAULT_LIFETIME = datetime.timedelta(days=30)
+# The certificates serve one run of the stack, however long it lasts, so they are valid for ten years.
+# They start a little in the past to allow for clock skew.
+DEFAULT_LIFETIME = datetime.timedelta(days=3650)
 CLOCK_SKEW = datetime.timedelta(minutes=5)
 # Names every server certificate carries, so that clients on the same host can always connect.
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -141,8 +142,10 @@ def _write_key(path: Path, key) -> Path:
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    # Created with mode 0600, so the key is never readable by others, not even briefly.
+    # Created with mode 0600, so the key is never readable by others, not even briefly. An existing
+    # file keeps its mode on open, so the mode is set again before the key is written.
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)
     with os.fdopen(descriptor, "wb") as file:
         file.write(pem)
     return path

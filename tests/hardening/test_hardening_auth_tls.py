@@ -14,6 +14,7 @@ from real_stack import ServiceProcess, start_service, stop_services, write_test_
 
 from loftey.client import AsyncLofteyClient, LofteyError
 from loftey.orchestrator.app import Orchestrator, OrchestratorConfig
+from loftey import security
 from loftey.security import check_authorization, read_token_file, token_matches
 
 pytestmark = pytest.mark.slow
@@ -191,6 +192,33 @@ async def test_token_never_logged(backends: Backends, start_orchestrator, caplog
     assert "wrong-token-0123456789" not in caplog.text
 
 
+async def test_token_file_changes_apply(backends: Backends, start_orchestrator, tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(security, "TOKEN_FILE_CHECK_INTERVAL_S", 0.0)
+    token_file = tmp_path / "tokens"
+    token_file.write_text(f"{TOKEN}\n")
+    orchestrator = await start_orchestrator(auth_token_file=token_file)
+    address = f"127.0.0.1:{orchestrator.port}"
+    async with AsyncLofteyClient(address, token=OTHER_TOKEN) as client:
+        before = await chat_status(client)
+
+    # Rotation: the new token in, the old one out, with no restart.
+    token_file.write_text(f"{OTHER_TOKEN}\n")
+    async with AsyncLofteyClient(address, token=OTHER_TOKEN) as client:
+        rotated = await chat_tokens(client)
+    async with AsyncLofteyClient(address, token=TOKEN) as client:
+        old_token = await chat_status(client)
+
+    # A file that became invalid keeps the tokens in force.
+    token_file.write_text("short\n")
+    async with AsyncLofteyClient(address, token=OTHER_TOKEN) as client:
+        after_bad_edit = await chat_tokens(client)
+
+    assert before == grpc.StatusCode.PERMISSION_DENIED
+    assert len(rotated) == NEW_TOKENS
+    assert old_token == grpc.StatusCode.PERMISSION_DENIED
+    assert after_bad_edit == rotated
+
+
 # Units ---------------------------------------------------------------------------------
 
 
@@ -219,3 +247,26 @@ def test_token_file_rejects_short_and_empty(tmp_path: Path):
     empty.write_text("# none\n\n")
     with pytest.raises(ValueError, match="contains no token"):
         read_token_file(empty)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("token-with-é-0123456789", "printable ASCII"),
+        ("token with a space 0123456789", "printable ASCII"),
+    ],
+)
+def test_token_file_rejects_unsendable_tokens(tmp_path: Path, line: str, message: str):
+    token_file = tmp_path / "tokens"
+    token_file.write_text(f"# comment\n{line}\n")
+    with pytest.raises(ValueError, match=message) as failure:
+        read_token_file(token_file)
+    assert "line 2" in str(failure.value)
+    assert line not in str(failure.value)
+
+
+def test_token_file_missing_or_folder(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        read_token_file(tmp_path / "missing")
+    with pytest.raises(ValueError, match="is not a regular file"):
+        read_token_file(tmp_path)

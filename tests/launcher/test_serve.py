@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.slow
 STARTUP_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 60.0
 ADDRESS_LINE = re.compile(r"serving loftey\.v1\.Generation on (\S+:\d+)")
+METRICS_LINE = re.compile(r"metrics: (http://\S+/metrics)")
 
 
 def _read_address(process: subprocess.Popen) -> str:
@@ -42,6 +44,11 @@ def test_serve_chat_and_clean_stop(tmp_path: Path) -> None:
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
         address = _read_address(process)
+        metrics_match = METRICS_LINE.search(process.stdout.readline())
+        assert metrics_match is not None
+        with urllib.request.urlopen(metrics_match.group(1), timeout=30) as response:
+            metrics_text = response.read().decode()
+        assert "loftey:time_to_first_token_seconds" in metrics_text
         # Every process of ours: the three services, and Ray's under the forward service.
         descendants = psutil.Process(process.pid).children(recursive=True)
         service_names = {
@@ -106,6 +113,14 @@ def test_serve_public_and_internal_tls(tmp_path: Path) -> None:
         from_env = subprocess.run(chat, capture_output=True, text=True, env={**env, "LOFTEY_API_TOKEN": TOKEN},
                                   timeout=STOP_TIMEOUT_S)
 
+        # Once every service runs, the run's private keys are gone from the disk.
+        orchestrator_args = next(
+            child.cmdline() for child in psutil.Process(process.pid).children()
+            if "loftey.orchestrator" in child.cmdline()
+        )
+        backend_ca = Path(orchestrator_args[orchestrator_args.index("--backend-tls-ca") + 1])
+        assert not backend_ca.parent.exists()
+
         # The internal services took the run's private CA and accept no plaintext call.
         tokenizer_port = _internal_port(logs / "tokenizer.log")
         forward_port = _internal_port(logs / "forward.log")
@@ -129,3 +144,28 @@ def test_serve_public_and_internal_tls(tmp_path: Path) -> None:
     assert from_env.returncode == 0, from_env.stderr
     assert from_env.stdout == with_token.stdout
     assert plaintext_errors == [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE]
+
+
+def test_sigterm_during_startup_stops_at_once(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    logs = tmp_path / "logs"
+    command = [sys.executable, "-m", "loftey.cli", "serve", "--port", "0", "--log-dir", str(logs)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        # The forward service starts Ray and its actors, which takes seconds: stop the launcher then.
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not (logs / "forward.log").exists() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.1)
+        descendants = psutil.Process(process.pid).children(recursive=True)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=STOP_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert process.returncode == 0
+    assert "stopped before every service was serving" in output
+    assert "Loftey is serving" not in output
+    _, alive = psutil.wait_procs(descendants, timeout=STOP_TIMEOUT_S)
+    assert [child.pid for child in alive] == []

@@ -26,6 +26,7 @@ from loftey.bench.runner import LoadSettings
 from loftey.bench.server_stats import ServerProbe
 from loftey.bench.serve import benchmark_server, workload_for
 from loftey.bench.workload import WorkloadSpec
+from loftey.entrypoint import format_address
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def metrics_url_from_log(log_path: Path) -> str | None:
 @contextmanager
 def started_stack(point: SweepPoint, log_dir: Path) -> Iterator[StackHandles]:
     """Start the services for a point and yield their addresses; stop them all on exit."""
-    from loftey.launcher import StackConfig, run_stack
+    from loftey.launcher import StackConfig, connect_host, run_stack
 
     slots = max(point.concurrency, MIN_BATCH_SLOTS)
     config = StackConfig(
@@ -111,8 +112,8 @@ def started_stack(point: SweepPoint, log_dir: Path) -> Iterator[StackHandles]:
     with run_stack(config) as services:
         _tokenizer, forward, orchestrator = services
         yield StackHandles(
-            address=f"{config.host}:{orchestrator.port}",
-            forward_address=f"{config.host}:{forward.port}",
+            address=format_address(connect_host(config.host), orchestrator.port),
+            forward_address=format_address(connect_host(config.internal_host), forward.port),
             forward_pid=forward.process.pid,
             metrics_url=metrics_url_from_log(orchestrator.log_path),
             startup_s=time.perf_counter() - started,

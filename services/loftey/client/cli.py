@@ -49,24 +49,54 @@ class Connection:
     tls_cert: Path | None = None
     tls_key: Path | None = None
 
+    def uses_tls(self) -> bool:
+        return self.tls or any(path is not None for path in (self.tls_ca, self.tls_cert, self.tls_key))
+
     def open(self) -> LofteyClient:
-        """Open a client; raise typer.BadParameter for an unreadable token or TLS file."""
+        """Open a client; raise typer.BadParameter for an unusable token or TLS file."""
         from loftey.client import LofteyClient
 
+        token = self.token()
+        if token is not None and not self.uses_tls() and not _is_local(self.server):
+            typer.echo(f"warning: sending the bearer token to {self.server} without TLS; pass --tls or --tls-ca",
+                       err=True)
         try:
             return LofteyClient(
-                self.server, token=self.token(), tls=self.tls, tls_ca=self.tls_ca,
+                self.server, token=token, tls=self.tls, tls_ca=self.tls_ca,
                 tls_cert=self.tls_cert, tls_key=self.tls_key,
             )
-        except (ValueError, FileNotFoundError) as error:
-            raise typer.BadParameter(str(error)) from error
+        except (ValueError, OSError) as error:
+            raise typer.BadParameter(str(error), param_hint="--tls-ca/--tls-cert/--tls-key") from error
 
     def token(self) -> str | None:
-        if self.token_file is None:
-            return os.environ.get(TOKEN_ENV) or None
-        from loftey.security import read_token_file
+        """Return the bearer token from --token-file or the environment; raise typer.BadParameter for a bad one."""
+        from loftey.security import read_token_file, token_problem
 
-        return read_token_file(self.token_file)[0]
+        if self.token_file is not None:
+            try:
+                return read_token_file(self.token_file)[0]
+            except (ValueError, OSError) as error:
+                raise typer.BadParameter(str(error), param_hint="--token-file") from error
+        token = os.environ.get(TOKEN_ENV, "").strip()
+        if not token:
+            return None
+        problem = token_problem(token)
+        if problem is not None:
+            raise typer.BadParameter(f"the token in {TOKEN_ENV} {problem}")
+        return token
+
+    def describe_failure(self, error) -> str:
+        """Return the error line for a failed call, with a hint when a plaintext client met a TLS port."""
+        line = f"error: {error.code.name}: {error.message}"
+        if error.code.name == "UNAVAILABLE" and not self.uses_tls() and "Socket closed" in error.message:
+            line += " (if the server uses TLS, pass --tls-ca FILE, or --tls for a publicly signed certificate)"
+        return line
+
+
+def _is_local(server: str) -> bool:
+    """Return whether host:port names this machine's loopback interface."""
+    host = server.rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or host.startswith("127.") or host == "::1"
 EXIT_COMMANDS = ("/exit", "/quit")
 RESET_COMMAND = "/reset"
 
@@ -98,7 +128,7 @@ def generate_remote(connection: Connection, prompt: str, chat: bool, **options: 
                 chunks = client.stream(prompt, **options)
             stream_to_terminal(chunks, sys.stdout)
         except LofteyError as error:
-            typer.echo(f"error: {error.code.name}: {error.message}", err=True)
+            typer.echo(connection.describe_failure(error), err=True)
             raise typer.Exit(code=1) from error
 
 
@@ -134,7 +164,7 @@ def chat_command(
                 stream_to_terminal(client.stream(messages=[*history, {"role": "user", "content": message}],
                                                  **options), sys.stdout)
             except LofteyError as error:
-                typer.echo(f"error: {error.code.name}: {error.message}", err=True)
+                typer.echo(connection.describe_failure(error), err=True)
                 raise typer.Exit(code=1) from error
             return
 
@@ -165,7 +195,7 @@ def chat_command(
                 sys.stdout.write("\n")
             except LofteyError as error:
                 sys.stdout.write("\n")
-                typer.echo(f"error: {error.code.name}: {error.message}", err=True)
+                typer.echo(connection.describe_failure(error), err=True)
                 history.pop()
                 continue
             history.append({"role": "assistant", "content": "".join(reply)})

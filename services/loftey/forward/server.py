@@ -21,6 +21,7 @@ from loftey.entrypoint import (
     TlsCertOption,
     TlsClientCaOption,
     TlsKeyOption,
+    format_address,
     tls_files_option,
     write_port_file,
 )
@@ -128,7 +129,7 @@ async def bind_forward_server(
 
     servicer = ForwardServicer(settings.model_dir, settings.dtype)
     running = await start_server(
-        f"{host}:{port}",
+        format_address(host, port),
         lambda server: forward_pb2_grpc.add_ForwardServicer_to_server(servicer, server),
         [SERVICE_NAME],
         credentials=None if tls is None else server_credentials(tls),

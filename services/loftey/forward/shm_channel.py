@@ -206,7 +206,7 @@ class ChannelServer:
         self.thread.join(timeout_s)
         self.listener.close()
         if self.thread.is_alive():
-            logger.warning("expert channel thread still running %.0f s after close, so its buffer stays mapped", timeout_s)
+            logger.warning("expert channel thread still running %.1f s after close, so its buffer stays mapped", timeout_s)
             return
         self.buffers.close()
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 
+from loftey.entrypoint import format_address
 from loftey.orchestrator.backends import BackendError, Backends
 from loftey.orchestrator.metrics import Metrics, start_metrics_server
 from loftey.orchestrator.scheduler import Scheduler, SchedulerLimits
@@ -45,8 +46,10 @@ class OrchestratorConfig:
     # Address of the public gRPC server; port 0 picks a free port.
     host: str = "127.0.0.1"
     port: int = 0
-    # Port of the Prometheus HTTP server on the same host; 0 picks a free port, -1 disables it.
+    # Port of the Prometheus HTTP server; 0 picks a free port, -1 disables it.
     metrics_port: int = 0
+    # Address of the Prometheus HTTP server, which has no TLS or auth; None uses host.
+    metrics_host: str | None = None
     # Running sequences at most.
     max_batch_size: int = 32
     # Requests queued at most beyond those the next step admits; past it, RESOURCE_EXHAUSTED.
@@ -95,6 +98,17 @@ class OrchestratorConfig:
         if self.backend_tls_cert is not None and self.backend_tls_ca is None:
             raise ValueError("backend_tls_cert needs backend_tls_ca, the CA that signed the backends' certificates")
 
+    def check_files(self) -> None:
+        """Read every TLS and token file the config names; raise OSError or ValueError naming a bad one."""
+        public_tls = server_tls_files(self.tls_cert, self.tls_key, self.tls_client_ca)
+        if public_tls is not None:
+            server_credentials(public_tls)
+        backend_tls = self.backend_tls()
+        if backend_tls is not None:
+            backend_tls.credentials()
+        if self.auth_token_file is not None:
+            read_token_file(self.auth_token_file)
+
     def backend_tls(self) -> ClientTlsFiles | None:
         """Return the TLS files of the channels to the backends, or None for plaintext."""
         if self.backend_tls_ca is None:
@@ -138,7 +152,7 @@ class Orchestrator:
         """Bind the gRPC and metrics servers and start watching the backends."""
         servicer = GenerationServicer(self._require_runtime, self.metrics)
         self._server = await start_server(
-            f"{self.config.host}:{self.config.port}",
+            format_address(self.config.host, self.config.port),
             lambda server: generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server),
             [SERVICE_NAME],
             max_message_bytes=PUBLIC_MAX_MESSAGE_BYTES,
@@ -146,7 +160,7 @@ class Orchestrator:
             credentials=self._credentials(),
         )
         if self.config.metrics_port >= 0:
-            self._metrics_server = start_metrics_server(self.metrics, self.config.host, self.config.metrics_port)
+            self._metrics_server = start_metrics_server(self.metrics, self.config.metrics_host or self.config.host, self.config.metrics_port)
         self._tasks = [
             asyncio.create_task(self._watch_backends(), name="orchestrator-health"),
             asyncio.create_task(self._scrape_forward_stats(), name="orchestrator-stats"),
@@ -190,9 +204,10 @@ class Orchestrator:
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         if self.config.auth_token_file is None:
             return []
-        tokens = read_token_file(self.config.auth_token_file)
-        logger.info("public API requires a bearer token (%d accepted)", len(tokens))
-        return [BearerTokenInterceptor(tokens)]
+        interceptor = BearerTokenInterceptor.from_file(self.config.auth_token_file)
+        logger.info("public API requires a bearer token (%d accepted, from %s)",
+                    len(interceptor.tokens), self.config.auth_token_file)
+        return [interceptor]
 
     def _require_runtime(self) -> Runtime:
         if self._draining:

@@ -106,7 +106,7 @@ class Backends:
 
     async def release(self, sequence_ids: Sequence[int], timeout_s: float | None = None) -> int:
         reply = await self._call("forward", "Release", self._forward.Release(
-            forward_pb2.ReleaseRequest(sequence_ids=sequence_ids), timeout=timeout_s or CALL_TIMEOUT_S))
+            forward_pb2.ReleaseRequest(sequence_ids=sequence_ids), timeout=CALL_TIMEOUT_S if timeout_s is None else timeout_s))
         return reply.released
 
     async def forward_stats(self) -> forward_pb2.GetStatsResponse:

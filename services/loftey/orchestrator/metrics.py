@@ -127,6 +127,7 @@ def imbalance(counts) -> float:
 
 def start_metrics_server(metrics: Metrics, host: str, port: int) -> WSGIServer:
     """Serve the registry at http://host:port/metrics; port 0 picks a free port (see server_port)."""
-    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    # prometheus_client takes an IPv6 address without brackets.
+    server, _thread = start_http_server(port, addr=host.strip("[]"), registry=metrics.registry)
     logger.info("metrics at http://%s:%d/metrics", host, server.server_port)
     return server

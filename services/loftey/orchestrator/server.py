@@ -57,6 +57,10 @@ def serve_orchestrator(
     metrics_port: Annotated[
         int, typer.Option(help="Port of the Prometheus /metrics endpoint; 0 picks a free one, -1 disables it.")
     ] = _DEFAULTS.metrics_port,
+    metrics_host: Annotated[
+        str | None,
+        typer.Option(help="Address of the /metrics endpoint, which has no TLS or token; default: --host."),
+    ] = None,
     max_batch_size: Annotated[
         int, typer.Option(min=1, help="Maximum sequences in the running batch.")
     ] = _DEFAULTS.max_batch_size,
@@ -113,11 +117,12 @@ def serve_orchestrator(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = OrchestratorConfig(
-                tokenizer_address=tokenizer,
+            tokenizer_address=tokenizer,
             forward_address=forward,
             host=host,
             port=port,
             metrics_port=metrics_port,
+            metrics_host=metrics_host,
             max_batch_size=max_batch_size,
             max_waiting=max_waiting,
             max_prefill_tokens=max_prefill_tokens,
@@ -133,7 +138,8 @@ def serve_orchestrator(
             backend_tls_cert=backend_tls_cert,
             backend_tls_key=backend_tls_key,
         )
-    except ValueError as error:
+        config.check_files()
+    except (ValueError, OSError) as error:
         raise typer.BadParameter(str(error)) from error
     asyncio.run(run_orchestrator(config, port_file))
 
