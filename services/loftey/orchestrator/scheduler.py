@@ -467,6 +467,10 @@ class Scheduler:
             logger.warning("releasing %d sequences failed, retrying with the next call: %s",
                            len(sequence_ids), error.message)
             self._pending_release.extend(sequence_ids)
+        except asyncio.CancelledError:
+            # A stop cancelled the call, which may not have reached the forward service: stop() sends them again.
+            self._pending_release.extend(sequence_ids)
+            raise
 
     # Streamer task ----------------------------------------------------------------
 
