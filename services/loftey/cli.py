@@ -8,13 +8,18 @@ does the work. Heavy imports (torch, transformers, grpc) happen inside the comma
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from loftey.client.cli import TlsCaOption, TlsCertOption, TlsKeyOption, TlsOption, TokenFileOption
+# Read by gRPC's C core when grpc is imported, so it is set before the imports below. Without it
+# the core prints its own INFO lines (each failed TLS handshake) beside the command's errors.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+from loftey.client.cli import TlsCaOption, TlsCertOption, TlsKeyOption, TlsOption, TokenFileOption  # noqa: E402
 
 app = typer.Typer(
     name="loftey",
@@ -216,6 +221,31 @@ def demo(
 
     config = _stack_config(model, expert_groups, executor, dtype, log_dir, port=0)
     raise typer.Exit(code=run_demo(config, message))
+
+
+@app.command()
+def certs(
+    folder: Annotated[Path, typer.Argument(help="New or empty folder for the PEM files.")],
+    host: Annotated[
+        list[str] | None,
+        typer.Option("--host", help="A DNS name or IP address clients dial, besides localhost and 127.0.0.1; repeatable."),
+    ] = None,
+) -> None:
+    """Write a private CA, a server certificate and key for the hosts, and a client certificate and key.
+
+    For a private deployment or a test of TLS: the server takes server.pem and
+    server.key, clients trust ca.pem, and client.pem/client.key serve mutual TLS.
+    The CA's own key is not kept, so this CA signs nothing more.
+    """
+    from loftey.pki import write_private_pki
+
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise typer.BadParameter(f"{folder} must be a new or empty folder, so that no key is overwritten",
+                                 param_hint="FOLDER")
+    pki = write_private_pki(folder, hosts=host or ())
+    typer.echo(f"wrote {pki.ca_cert}, {pki.server_cert}, {pki.server_key}, {pki.client_cert} and {pki.client_key}")
+    typer.echo(f"serve:  loftey serve --tls-cert {pki.server_cert} --tls-key {pki.server_key}")
+    typer.echo(f"client: loftey chat --tls-ca {pki.ca_cert} --server localhost:50051 \"Hello\"")
 
 
 def _register_serve_commands() -> None:

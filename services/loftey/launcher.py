@@ -174,11 +174,17 @@ def warn_about_exposure(config: StackConfig) -> None:
             "--internal-host %s with --no-internal-tls: anyone who reaches that address can call the tokenizer "
             "and forward services without credentials; drop --no-internal-tls", config.internal_host,
         )
-    if not is_loopback(config.host) and config.auth_token_file is not None and config.tls_cert is None:
-        logger.warning(
-            "--host %s with --auth-token-file but no TLS: bearer tokens cross the network in plaintext; "
-            "add --tls-cert and --tls-key", config.host,
-        )
+    if not is_loopback(config.host) and config.tls_cert is None:
+        if config.auth_token_file is not None:
+            logger.warning(
+                "--host %s with --auth-token-file but no TLS: bearer tokens cross the network in plaintext; "
+                "add --tls-cert and --tls-key", config.host,
+            )
+        else:
+            logger.warning(
+                "--host %s without TLS or tokens: anyone who reaches that address can generate; "
+                "add --tls-cert, --tls-key and --auth-token-file (see `loftey certs`)", config.host,
+            )
     if not is_loopback(config.metrics_bind_host()):
         logger.warning(
             "/metrics on %s has no TLS or token: anyone who reaches it reads the server's load", config.metrics_bind_host(),
@@ -234,7 +240,13 @@ def _start_service(name: str, args: list[str], log_dir: Path, run_dir: Path) -> 
     log_path = log_dir / f"{name}.log"
     command = [sys.executable, "-m", f"loftey.{name}", *args, "--port-file", str(port_file)]
     logger.info("starting %s: %s", name, " ".join(command))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "RAY_worker_niceness": "0"}
+    env = {
+        "GRPC_VERBOSITY": "ERROR",  # keeps gRPC's INFO lines (each failed client handshake) out of the logs
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "RAY_worker_niceness": "0",
+    }
     with open(log_path, "ab") as log_file:
         # A session of its own, so stopping the service also reaches the
         # processes it started (Ray's).
@@ -351,6 +363,8 @@ def _serve_until_stopped(config: StackConfig, services: list[ServiceProcess], st
     """Print the addresses, then watch the services until stop_requested() or one exits; return the exit code."""
     public = services[-1]
     scheme = "TLS" if config.tls_cert is not None else "plaintext"
+    if config.auth_token_file is not None:
+        scheme += ", bearer token required"
     print(f"Loftey is serving loftey.v1.Generation on {format_address(config.host, public.port)} ({scheme})",
           flush=True)
     if public.metrics_port is not None:

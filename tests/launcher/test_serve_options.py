@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from loftey.cli import app
 from loftey.launcher import StackConfig, connect_host, is_loopback, warn_about_exposure
 from loftey.pki import PrivatePki, write_private_pki
+from loftey.security import TlsFiles, server_credentials
 
 TOKEN = "options-test-token-0123456789"
 
@@ -123,3 +124,50 @@ def test_exposure_warnings(caplog: pytest.LogCaptureFixture, tmp_path: Path):
     assert any("--no-internal-tls" in message for message in messages)
     assert any("bearer tokens cross the network in plaintext" in message for message in messages)
     assert any("/metrics on 10.0.0.5" in message for message in messages)
+
+
+def test_certs_writes_a_working_set(tmp_path: Path):
+    folder = tmp_path / "certs"
+    result = run("certs", str(folder), "--host", "10.0.0.9")
+    assert result.exit_code == 0, result.output
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "ca.pem", "client.key", "client.pem", "server.key", "server.pem"]
+    assert "loftey serve --tls-cert" in result.output
+    # The written pair passes the checks `loftey serve` makes of its TLS files.
+    server_credentials(TlsFiles(folder / "server.pem", folder / "server.key", client_ca=folder / "ca.pem"))
+
+
+def test_certs_refuses_non_empty_folder(tmp_path: Path):
+    (tmp_path / "server.key").write_text("keep me")
+    result = run("certs", str(tmp_path))
+    assert result.exit_code == 2
+    assert "must be a new or empty folder" in result.output
+    assert (tmp_path / "server.key").read_text() == "keep me"
+
+
+def test_plaintext_public_host_warns(caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.WARNING, logger="loftey.launcher")
+    warn_about_exposure(StackConfig(host="0.0.0.0"))
+    assert any("without TLS or tokens" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("tls", "message", "hint"),
+    [
+        (False, "failed to connect to all addresses; last error: UNAVAILABLE: Socket closed", "pass --tls-ca"),
+        (True, "Tls handshake failed: CERTIFICATE_VERIFY_FAILED: unable to get local issuer", "not signed by a CA"),
+        (False, "failed to connect to all addresses; last error: Connection refused", None),
+    ],
+)
+def test_failure_hints(tls: bool, message: str, hint: str | None):
+    import grpc
+
+    from loftey.client import LofteyError
+    from loftey.client.cli import Connection
+
+    line = Connection("localhost:1", tls=tls).describe_failure(LofteyError(grpc.StatusCode.UNAVAILABLE, message))
+    assert line.startswith(f"error: UNAVAILABLE: {message}")
+    if hint is None:
+        assert line == f"error: UNAVAILABLE: {message}"
+    else:
+        assert hint in line

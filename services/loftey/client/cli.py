@@ -86,10 +86,15 @@ class Connection:
         return token
 
     def describe_failure(self, error) -> str:
-        """Return the error line for a failed call, with a hint when a plaintext client met a TLS port."""
+        """Return the error line for a failed call, with a hint when the TLS settings do not fit the server."""
         line = f"error: {error.code.name}: {error.message}"
-        if error.code.name == "UNAVAILABLE" and not self.uses_tls() and "Socket closed" in error.message:
+        if error.code.name != "UNAVAILABLE":
+            return line
+        if not self.uses_tls() and "Socket closed" in error.message:
             line += " (if the server uses TLS, pass --tls-ca FILE, or --tls for a publicly signed certificate)"
+        elif "CERTIFICATE_VERIFY_FAILED" in error.message:
+            line += (" (the server's certificate is not signed by a CA this client trusts, or does not name "
+                     f"the host in {self.server}; pass --tls-ca with the CA that signed it)")
         return line
 
 
