@@ -16,8 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from loftey.errors import shorten_value
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +29,8 @@ logger = logging.getLogger(__name__)
 INTERNAL_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Public requests are prompts and parameters; 16 MiB is far above any valid one.
 PUBLIC_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# Methods of our own services, whose streaming handlers are async generators.
+LOFTEY_METHOD_PREFIX = "/loftey."
 # Backoff between reconnection attempts of a channel whose server went away.
 RECONNECT_BACKOFF_INITIAL_MS = 100
 RECONNECT_BACKOFF_MAX_MS = 1000
@@ -41,8 +46,9 @@ class ServiceError(Exception):
 
 
 def invalid_argument(field: str, bound: str, value: Any) -> ServiceError:
-    """Build an INVALID_ARGUMENT error that names the field, the bound and the value."""
-    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"{field} must be {bound}, got {value!r}")
+    """Build an INVALID_ARGUMENT error that names the field, the bound and the value (shortened when long)."""
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"{field} must be {bound}, got {shorten_value(value)}")
+
 
 
 def _status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -95,6 +101,78 @@ async def _abort(method_name: str, error: Exception, context: grpc.aio.ServicerC
     await context.abort(code, message)
 
 
+class _MalformedRequest:
+    """Stands in for a request whose bytes did not parse, so that the handler can reject it."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Reject a request of a loftey.* method whose bytes are not a valid message with INVALID_ARGUMENT.
+
+    Without it, gRPC returns UNKNOWN and logs a traceback at ERROR for each
+    such call, so a client could fill the log with them.
+    """
+
+    def __init__(self) -> None:
+        self._rejected = 0
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if (
+            handler is None
+            or not method.startswith(LOFTEY_METHOD_PREFIX)
+            or handler.request_streaming
+            or handler.request_deserializer is None
+        ):
+            return handler
+        return self._tolerant_handler(handler, method)
+
+    def _tolerant_handler(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        deserialize = handler.request_deserializer
+
+        def tolerant_deserialize(data: bytes):
+            try:
+                return deserialize(data)
+            except DecodeError as error:
+                return _MalformedRequest(error)
+
+        async def reject(request: _MalformedRequest, context: grpc.aio.ServicerContext) -> None:
+            self._rejected += 1
+            # Logged at the first and then every 100th, so a flood of bad calls stays quiet.
+            if self._rejected == 1 or self._rejected % 100 == 0:
+                logger.info("rejected a malformed request to %s: %s (%d so far)", method, request.error, self._rejected)
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"request to {method} is not a valid message: {request.error}"
+            )
+
+        if handler.response_streaming:
+            stream_behaviour = handler.unary_stream
+
+            async def stream(request, context):
+                if isinstance(request, _MalformedRequest):
+                    await reject(request, context)
+                async for response in stream_behaviour(request, context):
+                    yield response
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream, request_deserializer=tolerant_deserialize, response_serializer=handler.response_serializer
+            )
+
+        unary_behaviour = handler.unary_unary
+
+        async def unary(request, context):
+            if isinstance(request, _MalformedRequest):
+                await reject(request, context)
+            return await unary_behaviour(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary, request_deserializer=tolerant_deserialize, response_serializer=handler.response_serializer
+        )
+
+
 @dataclass
 class RunningServer:
     """A started asyncio gRPC server with its bound port and health servicer."""
@@ -137,7 +215,8 @@ async def start_server(
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(options=options, interceptors=list(interceptors))
+    # The malformed-request check is innermost, so that an auth rejection also parses requests tolerantly.
+    server = grpc.aio.server(options=options, interceptors=[*interceptors, MalformedRequestInterceptor()])
     register(server)
 
     health_servicer = health.aio.HealthServicer()

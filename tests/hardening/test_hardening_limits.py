@@ -56,7 +56,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 @pytest.fixture
-async def stub(stack: Stack) -> AsyncIterator[generation_pb2_grpc.GenerationStub]:
+async def address(stack: Stack) -> AsyncIterator[str]:
+    """Start an orchestrator over the stack's services and yield its address."""
     orchestrator = Orchestrator(OrchestratorConfig(
         tokenizer_address=stack.tokenizer.address,
         forward_address=stack.forward.address,
@@ -66,11 +67,16 @@ async def stub(stack: Stack) -> AsyncIterator[generation_pb2_grpc.GenerationStub
     ))
     await orchestrator.start()
     await orchestrator.wait_until_ready(timeout_s=60)
+    yield f"127.0.0.1:{orchestrator.port}"
+    await orchestrator.shutdown(timeout_s=1.0)
+
+
+@pytest.fixture
+async def stub(address: str) -> AsyncIterator[generation_pb2_grpc.GenerationStub]:
     # The channel may send more than the server accepts, so the server's own limit is what is tested.
     options = channel_options(4 * PUBLIC_MAX_MESSAGE_BYTES)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{orchestrator.port}", options=options) as channel:
+    async with grpc.aio.insecure_channel(address, options=options) as channel:
         yield generation_pb2_grpc.GenerationStub(channel)
-    await orchestrator.shutdown(timeout_s=1.0)
 
 
 def chat(*texts: str) -> generation_pb2.Prompt:
@@ -171,6 +177,52 @@ async def test_chat_messages_count(stub):
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "prompt.messages.messages" in error.details()
     assert f"at most {MAX_CHAT_MESSAGES} messages" in error.details()
+
+
+async def test_long_bad_values_are_shortened(stub):
+    # Long enough that a message repeating it whole would pass clients' trailer limit (8-16 KiB).
+    long_value = "y" * 20_000
+    errors = [
+        await rejection(stub, stopping=generation_pb2.StoppingParams(stop=[long_value])),
+        await rejection(stub, prompt=generation_pb2.Prompt(messages=common_pb2.ChatMessages(
+            messages=[common_pb2.ChatMessage(role=long_value, content="Hi")]))),
+        await rejection(stub, request_id=long_value),
+    ]
+    for error in errors:
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "(20000 characters)" in error.details()
+        assert len(error.details()) < 400
+
+
+@pytest.mark.parametrize("method", ["Generate", "GenerateStream", "CountTokens"])
+async def test_malformed_request_bytes(address: str, method: str):
+    # prompt.text (field 2 of Prompt, field 1 of the request) holding invalid UTF-8.
+    invalid_utf8 = b"\x0a\x06\x12\x04Hi\xff\xfe"
+    async with grpc.aio.insecure_channel(address) as channel:
+        path = f"/loftey.v1.Generation/{method}"
+        identity = lambda data: data  # noqa: E731 - raw bytes on the wire both ways
+        if method == "GenerateStream":
+            call = channel.unary_stream(path, request_serializer=identity, response_deserializer=identity)
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                async for _ in call(invalid_utf8, timeout=60):
+                    pass
+        else:
+            call = channel.unary_unary(path, request_serializer=identity, response_deserializer=identity)
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                await call(invalid_utf8, timeout=60)
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "is not a valid message" in failure.value.details()
+
+
+async def test_count_tokens_counts_long_prompts(stub):
+    too_long = TEST_MAX_SEQ_LEN + 10
+    ids = await stub.CountTokens(generation_pb2.CountTokensRequest(
+        prompt=generation_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=[100] * too_long))), timeout=60)
+    text = await stub.CountTokens(generation_pb2.CountTokensRequest(
+        prompt=generation_pb2.Prompt(text="a " * too_long)), timeout=60)
+    assert ids.token_count == too_long
+    assert text.token_count >= too_long
+    assert ids.max_seq_len == TEST_MAX_SEQ_LEN
 
 
 async def test_server_serves_after_rejections(stub):

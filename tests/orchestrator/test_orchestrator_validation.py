@@ -54,10 +54,10 @@ INVALID_CASES = [
     (stopping(max_new_tokens=1001), "stopping.max_new_tokens must be in [0, 1000], got 1001"),
     (stopping(stop=["a"] * 9), "stopping.stop must be at most 8 strings, got 9"),
     (stopping(stop=["ok", ""]), "stopping.stop[1] must be 1 to 128 characters long, got ''"),
-    (stopping(stop=["x" * 129]), f"stopping.stop[0] must be 1 to 128 characters long, got '{'x' * 129}'"),
+    (stopping(stop=["x" * 129]), f"stopping.stop[0] must be 1 to 128 characters long, got '{'x' * 63}... (129 characters)"),
     (stopping(stop_token_ids=[5, 151646]), "stopping.stop_token_ids[1] must be in [0, 151646), got 151646"),
     ({"logprobs": 21}, "logprobs must be in [0, 20], got 21"),
-    ({"request_id": "r" * 129}, f"request_id must be at most 128 characters, got '{'r' * 129}'"),
+    ({"request_id": "r" * 129}, f"request_id must be at most 128 characters, got '{'r' * 63}... (129 characters)"),
     (
         {"prompt": generation_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=[1, 200000]))},
         "prompt.token_ids.ids[1] must be in [0, 151646), got 200000",

@@ -36,6 +36,10 @@ DEFAULT_DETOKENIZE_BATCH_SIZE = 1024
 SERVER_STOP_GRACE_S = 2.0
 
 
+# Largest value of a uint32 protobuf field.
+UINT32_MAX = 2**32 - 1
+
+
 @dataclass(frozen=True)
 class OrchestratorConfig:
     """Settings of one orchestrator, one per command-line flag."""
@@ -84,8 +88,9 @@ class OrchestratorConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_waiting", "max_prefill_tokens", "max_new_tokens_limit"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+            # GetModelInfo reports the limits as uint32.
+            if not 1 <= getattr(self, name) <= UINT32_MAX:
+                raise ValueError(f"{name} must be in [1, {UINT32_MAX}], got {getattr(self, name)}")
         for name in ("shutdown_timeout_s", "step_timeout_s", "health_interval_s", "stats_interval_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

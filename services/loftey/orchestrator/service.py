@@ -124,7 +124,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     @handle_errors
     async def CountTokens(self, request, context):
         runtime = self._runtime()
-        prompt = validate_prompt(request.prompt if request.HasField("prompt") else None, runtime.limits)
+        prompt = validate_prompt(
+            request.prompt if request.HasField("prompt") else None, runtime.limits, check_length=False
+        )
         prompt_ids = await runtime.backends.encode(prompt)
         return generation_pb2.CountTokensResponse(
             token_count=len(prompt_ids), max_seq_len=runtime.limits.max_seq_len

@@ -154,8 +154,13 @@ def validate_params(request: GenerateLike, limits: Limits) -> ValidParams:
     )
 
 
-def validate_prompt(prompt: generation_pb2.Prompt | None, limits: Limits) -> PromptInput:
-    """Check the prompt's kind and contents; its token count is checked after tokenization."""
+def validate_prompt(
+    prompt: generation_pb2.Prompt | None, limits: Limits, check_length: bool = True
+) -> PromptInput:
+    """Check the prompt's kind and contents; its token count is checked after tokenization.
+
+    check_length False accepts token-id prompts of any length (CountTokens counts them).
+    """
     kind = prompt.WhichOneof("kind") if prompt is not None else None
     if kind is None:
         raise ServiceError(
@@ -169,7 +174,7 @@ def validate_prompt(prompt: generation_pb2.Prompt | None, limits: Limits) -> Pro
         return ChatPrompt(_validate_messages(prompt.messages, limits))
     ids = tuple(prompt.token_ids.ids)
     # Rejects an oversized prompt before the per-id check walks all of it.
-    if len(ids) >= limits.max_seq_len:
+    if check_length and len(ids) >= limits.max_seq_len:
         check_prompt_length(len(ids), limits)
     for index, token_id in enumerate(ids):
         if token_id >= limits.vocab_size:

@@ -18,6 +18,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from loftey.errors import shorten_value
 from loftey.tokenizer.chat import CHAT_ROLES, ChatInput, ChatMessage, ChatTemplate, load_chat_template
 from loftey.tokenizer.detokenize import DetokenizeResult, IncrementalDetokenizer, detokenize_step
 from loftey.tokenizer.limits import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TEXT_CHARS
@@ -35,7 +36,7 @@ class InvalidInputError(ValueError):
     """An input outside its bounds; the message names the field, the bound and the value."""
 
     def __init__(self, field: str, bound: str, value: Any) -> None:
-        super().__init__(f"{field} must be {bound}, got {value!r}")
+        super().__init__(f"{field} must be {bound}, got {shorten_value(value)}")
         self.field = field
         self.bound = bound
         self.value = value
