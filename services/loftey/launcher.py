@@ -125,6 +125,13 @@ def resolve_model_dir(model: str) -> Path:
     return path
 
 
+def model_id(model: str) -> str:
+    """Return the name a stack reports for its model: "tiny", "dummy-235m", or the checkpoint folder's name."""
+    if model in ("tiny", "dummy-235m"):
+        return model
+    return Path(model).expanduser().resolve().name
+
+
 def with_default_tokenizer(model_dir: Path) -> Path:
     """Copy the default Qwen tokenizer files into a checkpoint folder that has none."""
     if not (model_dir / "tokenizer.json").is_file():
@@ -298,6 +305,7 @@ def run_stack(config: StackConfig) -> Iterator[list[ServiceProcess]]:
                 "forward",
                 [
                     "--model", str(model_dir), *internal,
+                    "--model-id", model_id(config.model),
                     "--expert-groups", str(config.expert_groups),
                     "--executor", config.executor,
                     "--dtype", config.dtype,

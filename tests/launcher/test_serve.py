@@ -58,6 +58,8 @@ def test_serve_chat_and_clean_stop(tmp_path: Path) -> None:
 
         with LofteyClient(address) as client:
             reply = client.chat("Hello", temperature=0.0, max_new_tokens=32)
+            info = client.model_info(timeout=30)
+        assert info.model_id == "tiny"
         assert reply.text.strip() != ""
         assert reply.finish_reason == "stop"
         assert "<|" not in reply.text

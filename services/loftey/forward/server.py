@@ -50,6 +50,7 @@ class ForwardSettings:
     kv_slots: int = DEFAULT_KV_SLOTS  # live sequences at most
     ray_address: str | None = None  # None starts a local Ray (not for the local executor)
     ray_options: RayActorOptions | None = None  # None: RayActorOptions() defaults
+    model_id: str | None = None  # name GetInfo reports; None: the folder's name
 
 
 def build_executor(settings: ForwardSettings, config, actors: list | None = None):
@@ -127,7 +128,7 @@ async def bind_forward_server(
     from loftey.security import server_credentials
     from loftey.v1 import forward_pb2_grpc
 
-    servicer = ForwardServicer(settings.model_dir, settings.dtype)
+    servicer = ForwardServicer(settings.model_dir, settings.dtype, settings.model_id)
     running = await start_server(
         format_address(host, port),
         lambda server: forward_pb2_grpc.add_ForwardServicer_to_server(servicer, server),
@@ -227,6 +228,9 @@ def serve_forward(
         ),
     ] = None,
     dtype: Annotated[str, typer.Option(help="Weights and activations: float32 or bfloat16.")] = "float32",
+    model_id: Annotated[
+        str | None, typer.Option(help="Name GetInfo and GetModelInfo report; default: the checkpoint folder's name.")
+    ] = None,
     kv_slots: Annotated[int, typer.Option(min=1, help="KV-cache slots, the maximum of live sequences.")] = DEFAULT_KV_SLOTS,
     max_restarts: Annotated[int, typer.Option(min=0, help="Restarts Ray makes of a dead expert actor.")] = 3,
     expert_call_timeout: Annotated[
@@ -280,6 +284,7 @@ def serve_forward(
         dtype=dtype,
         kv_slots=kv_slots,
         ray_address=ray_address,
+        model_id=model_id,
         ray_options=RayActorOptions(
             max_restarts=max_restarts,
             max_task_retries=max_restarts,

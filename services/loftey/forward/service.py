@@ -45,9 +45,9 @@ def output_to_proto(output: SequenceOutput) -> forward_pb2.SequenceOutput:
 class ForwardServicer(forward_pb2_grpc.ForwardServicer):
     """loftey.v1.Forward over a ForwardEngine; see forward.proto for each method's contract."""
 
-    def __init__(self, model_dir: str, dtype: str) -> None:
+    def __init__(self, model_dir: str, dtype: str, model_id: str | None = None) -> None:
         self._engine: ForwardEngine | None = None
-        self.model_id = Path(model_dir).resolve().name
+        self.model_id = model_id or Path(model_dir).resolve().name
         self.dtype = dtype
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward-step")
         self._lock = asyncio.Lock()
