@@ -17,6 +17,7 @@ from loftey.client.types import (
     TokenLogprob,
     Usage,
 )
+from loftey.errors import shorten_value
 from loftey.v1 import common_pb2, generation_pb2
 
 # A chat message as {"role": ..., "content": ...} or (role, content).
@@ -39,10 +40,11 @@ def build_prompt(
     if len(set_kinds) != 1:
         raise ValueError(f"pass exactly one of prompt, messages or token_ids, got {set_kinds or 'none'}")
     if prompt is not None:
-        return generation_pb2.Prompt(text=prompt)
+        return _build(generation_pb2.Prompt, "", text=prompt)
     if token_ids is not None:
-        return generation_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=list(token_ids)))
-    return generation_pb2.Prompt(messages=common_pb2.ChatMessages(messages=[_chat_message(m) for m in messages]))
+        return generation_pb2.Prompt(token_ids=_build(common_pb2.TokenIds, "token_", ids=list(token_ids)))
+    chat = [_chat_message(index, message) for index, message in enumerate(messages)]
+    return generation_pb2.Prompt(messages=common_pb2.ChatMessages(messages=chat))
 
 
 def chat_messages(text_or_messages: str | Iterable[Message]) -> list[Message]:
@@ -76,18 +78,33 @@ def build_generate_fields(
         "seed": seed,
         "repetition_penalty": repetition_penalty,
     }
-    sampling = generation_pb2.SamplingParams(**{k: v for k, v in sampling_values.items() if v is not None})
-    stopping = generation_pb2.StoppingParams(
-        stop=[stop] if isinstance(stop, str) else list(stop or []),
-        stop_token_ids=list(stop_token_ids or []),
-        ignore_eos=ignore_eos,
-    )
+    sampling = _build(generation_pb2.SamplingParams, "", **{k: v for k, v in sampling_values.items() if v is not None})
+    stopping_values = {
+        "stop": [stop] if isinstance(stop, str) else list(stop or []),
+        "stop_token_ids": list(stop_token_ids or []),
+        "ignore_eos": ignore_eos,
+    }
     if max_new_tokens is not None:
-        stopping.max_new_tokens = max_new_tokens
-    fields: dict[str, Any] = {"request_id": request_id, "sampling": sampling, "stopping": stopping}
+        stopping_values["max_new_tokens"] = max_new_tokens
+    stopping = _build(generation_pb2.StoppingParams, "", **stopping_values)
+    fields: dict[str, Any] = {"request_id": request_id}
     if logprobs is not None:
         fields["logprobs"] = logprobs
-    return fields
+    _build(generation_pb2.GenerateRequest, "", **fields)
+    return {**fields, "sampling": sampling, "stopping": stopping}
+
+
+def _build(message_type, prefix: str, **values: Any):
+    """Build message_type from values; raise ValueError naming the argument its field type cannot hold."""
+    try:
+        return message_type(**values)
+    except (ValueError, TypeError):
+        for name, value in values.items():
+            try:
+                message_type(**{name: value})
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"{prefix}{name} cannot be {shorten_value(value)}: {error}") from None
+        raise
 
 
 def to_error(error: grpc.RpcError) -> LofteyError:
@@ -141,11 +158,18 @@ def model_info_from(response: generation_pb2.GetModelInfoResponse) -> ModelInfo:
     )
 
 
-def _chat_message(message: Message) -> common_pb2.ChatMessage:
+def _chat_message(index: int, message: Message) -> common_pb2.ChatMessage:
     if isinstance(message, Mapping):
-        return common_pb2.ChatMessage(role=message["role"], content=message["content"])
-    role, content = message
-    return common_pb2.ChatMessage(role=role, content=content)
+        if "role" not in message or "content" not in message:
+            raise ValueError(f"messages[{index}] must have 'role' and 'content', got keys {sorted(message)}")
+        role, content = message["role"], message["content"]
+    else:
+        try:
+            role, content = message
+        except (TypeError, ValueError):
+            raise ValueError(f"messages[{index}] must be a mapping or a (role, content) pair, "
+                             f"got {shorten_value(message)}") from None
+    return _build(common_pb2.ChatMessage, f"messages[{index}].", role=role, content=content)
 
 
 def _usage(usage: generation_pb2.Usage) -> Usage:
