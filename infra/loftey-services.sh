@@ -27,6 +27,7 @@
 #   LOFTEY_FORWARD_PORT      50053          forward service port (bound on 127.0.0.1)
 #   LOFTEY_FORWARD_ARGS      (empty)        extra `loftey serve forward` options, e.g. "--max-restarts 0"
 #   LOFTEY_ORCHESTRATOR_ARGS (empty)        extra `loftey serve orchestrator` options, e.g. TLS and token
+#   LOFTEY_HEALTH_TLS_CA     (empty)        PEM CA for `status` to check a public port that serves TLS
 #   LOFTEY_RUN_DIR           ~/loftey-run   logs and pid files
 #   LOFTEY_WORKER_TIMEOUT    3600           seconds the forward service waits for worker nodes
 #   LOFTEY_STOP_TIMEOUT      30             seconds a service gets to exit after SIGTERM
@@ -47,6 +48,7 @@ LOFTEY_TOKENIZER_PORT=${LOFTEY_TOKENIZER_PORT:-50052}
 LOFTEY_FORWARD_PORT=${LOFTEY_FORWARD_PORT:-50053}
 LOFTEY_FORWARD_ARGS=${LOFTEY_FORWARD_ARGS:-}
 LOFTEY_ORCHESTRATOR_ARGS=${LOFTEY_ORCHESTRATOR_ARGS:-}
+LOFTEY_HEALTH_TLS_CA=${LOFTEY_HEALTH_TLS_CA:-}
 LOFTEY_RUN_DIR=${LOFTEY_RUN_DIR:-$HOME/loftey-run}
 LOFTEY_WORKER_TIMEOUT=${LOFTEY_WORKER_TIMEOUT:-3600}
 LOFTEY_STOP_TIMEOUT=${LOFTEY_STOP_TIMEOUT:-30}
@@ -192,9 +194,13 @@ status() {
     if [[ $public_host == 0.0.0.0 ]]; then
         public_host=127.0.0.1
     fi
+    local public=("$public_host:$LOFTEY_PORT")
+    if [[ -n $LOFTEY_HEALTH_TLS_CA ]]; then
+        public=(--tls-ca "$LOFTEY_HEALTH_TLS_CA" --tls "$public_host:$LOFTEY_PORT")
+    fi
     "$(dirname "$PYTHON")/ray" status || true
     "$PYTHON" "$LOFTEY_HOME/infra/check_health.py" \
-        "127.0.0.1:$LOFTEY_TOKENIZER_PORT" "127.0.0.1:$LOFTEY_FORWARD_PORT" "$public_host:$LOFTEY_PORT"
+        "127.0.0.1:$LOFTEY_TOKENIZER_PORT" "127.0.0.1:$LOFTEY_FORWARD_PORT" "${public[@]}"
 }
 
 case ${1:-} in
