@@ -31,6 +31,17 @@ def reference_cut(text: str, stop: list[str]) -> tuple[str, str | None]:
     return text[: best[0]], best[1]
 
 
+def reference_stream_cut(deltas: list[str], stop: list[str]) -> tuple[str, str | None]:
+    """Cut where generation ends: after the first delta whose text so far contains a stop string."""
+    text = ""
+    for delta in deltas:
+        text += delta
+        cut, matched = reference_cut(text, stop)
+        if matched is not None:
+            return cut, matched
+    return text, None
+
+
 def test_stop_split_over_tokens():
     deltas = ["alpha", " beta", " gamma", " delta"]
     matcher = StopStringMatcher(["beta gamma"])
@@ -62,6 +73,13 @@ def test_earliest_stop_wins():
     assert matcher.matched == "bc"
 
 
+def test_completed_stop_wins_over_longer_one_still_open():
+    # After " a", "a" is complete, so generation ends there, although " aa" would start earlier.
+    matcher = StopStringMatcher(["a", " aa"])
+    assert matcher.feed(" a") == " "
+    assert matcher.matched == "a"
+
+
 def test_no_stop_strings_pass_through():
     matcher = StopStringMatcher([])
     assert matcher.feed("anything") == "anything"
@@ -76,7 +94,7 @@ def test_no_stop_strings_pass_through():
 def test_matches_reference_for_any_split(text: str, stop: list[str], cuts: list[int]):
     bounds = sorted({0, len(text), *(cut for cut in cuts if cut <= len(text))})
     deltas = [text[start:end] for start, end in zip(bounds, bounds[1:])]
-    expected_text, expected_stop = reference_cut(text, stop)
+    expected_text, expected_stop = reference_stream_cut(deltas, stop)
 
     out = stream(StopStringMatcher(stop), deltas)
 
