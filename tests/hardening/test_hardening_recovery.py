@@ -13,8 +13,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from hardening_helpers import kill_service, start_service_on_port
-from real_stack import ServiceProcess, stop_services, write_test_checkpoint
+from hardening_helpers import kill_service
+from real_stack import ServiceProcess, start_service, stop_services, write_test_checkpoint
 
 from loftey.client import AsyncLofteyClient, LofteyError
 from loftey.v1 import forward_pb2, forward_pb2_grpc
@@ -51,7 +51,7 @@ class Stack:
         """Kill the service as a crash would, and start it again on the same port."""
         old = self.services[name]
         kill_service(old)
-        self.services[name] = start_service_on_port(name, self.service_args(name), self.run_dir, old.port)
+        self.services[name] = start_service(name, self.service_args(name), self.run_dir, old.port)
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     stack = Stack(folder, run_dir, {})
     try:
         for name in ("tokenizer", "forward"):
-            stack.services[name] = start_service_on_port(name, stack.service_args(name), run_dir)
-        stack.services["orchestrator"] = start_service_on_port("orchestrator", [
+            stack.services[name] = start_service(name, stack.service_args(name), run_dir)
+        stack.services["orchestrator"] = start_service("orchestrator", [
             "--tokenizer", stack.services["tokenizer"].address, "--forward", stack.services["forward"].address,
             "--max-batch-size", str(KV_SLOTS), "--metrics-port", "-1",
             "--forward-recovery-timeout", str(RECOVERY_TIMEOUT_S),

@@ -106,15 +106,19 @@ class ServiceProcess:
         return f"127.0.0.1:{self.port}"
 
 
-def start_service(name: str, args: list[str], run_dir: Path) -> ServiceProcess:
-    """Start `python -m loftey.<name>` in its own session and wait for its port file."""
+def start_service(name: str, args: list[str], run_dir: Path, port: int = 0) -> ServiceProcess:
+    """Start `python -m loftey.<name>` on port (0: a free one) in its own session and wait for its port file.
+
+    A restarted service must come back on its old port so that the orchestrator's
+    channel, which keeps its target address, reconnects to it. Its log is appended to.
+    """
     port_file = run_dir / f"{name}.port"
     port_file.unlink(missing_ok=True)
     log_path = run_dir / f"{name}.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "RAY_worker_niceness": "0"}
-    with open(log_path, "wb") as log_file:
+    with open(log_path, "ab") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", f"loftey.{name}", *args, "--port", "0", "--port-file", str(port_file)],
+            [sys.executable, "-m", f"loftey.{name}", *args, "--port", str(port), "--port-file", str(port_file)],
             stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=run_dir,
         )
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
