@@ -117,6 +117,8 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self) -> None:
         self._rejected = 0
+        # Wrapped handler of each method, built once: Forward.Step passes here every decode step.
+        self._tolerant_handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -128,7 +130,9 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
             or handler.request_deserializer is None
         ):
             return handler
-        return self._tolerant_handler(handler, method)
+        if method not in self._tolerant_handlers:
+            self._tolerant_handlers[method] = self._tolerant_handler(handler, method)
+        return self._tolerant_handlers[method]
 
     def _tolerant_handler(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         deserialize = handler.request_deserializer
