@@ -161,9 +161,9 @@ def check_authorization(metadata: Sequence[tuple[str, str | bytes]], accepted: S
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Reject calls without an accepted bearer token, except to the health service.
 
-    With a token file, the accepted tokens follow the file: it is checked for a
-    change at most once per TOKEN_FILE_CHECK_INTERVAL_S, and a file that became
-    invalid keeps the previous tokens (with a warning).
+    With a token file, the accepted tokens follow the file. A call checks it for
+    a change when TOKEN_FILE_CHECK_INTERVAL_S has passed since the last check.
+    A file that became invalid keeps the previous tokens and logs a warning.
     """
 
     def __init__(self, tokens: Sequence[str], token_file: Path | None = None) -> None:

@@ -11,11 +11,11 @@ class StopStringMatcher:
     Feed it text deltas in order. It returns the text that is safe to stream:
     everything except a pending tail, the longest suffix of the text so far that
     is a prefix of some stop string. When a stop string appears, the text is cut
-    where it starts and :attr:`matched` is set; generation ends there, so a longer
+    where it starts and :attr:`matched` is set. Generation ends there, so a longer
     stop string that would start earlier but is not yet complete does not count.
-    Because any occurrence starts
-    inside the pending tail or the new delta, searching ``pending + delta`` finds
-    every stop string, including one split over many deltas.
+    Because any occurrence starts inside the pending tail or the new delta,
+    searching ``pending + delta`` finds every stop string, including one split
+    over many deltas.
     """
 
     def __init__(self, stop: Sequence[str]) -> None:
